@@ -61,3 +61,8 @@ __all__ = [
     "ArchitecturalCheck",
     "check_architectural",
 ]
+
+from .replay import POLICIES, ReplayResult, replay
+from .workloads import WORKLOADS, Workload, workload
+
+__all__ += ["POLICIES", "ReplayResult", "replay", "WORKLOADS", "Workload", "workload"]

@@ -31,8 +31,8 @@ class Variant:
     >>> always = kvmmu.Variant("always_nx", uses_nx=lambda rf, g, host, fl: np.ones(len(g), bool))
     >>> g = kvmmu.guests(cr0=0, maxphyaddr=40)
     >>> ctx = kvmmu.init_mmu(g, "shadow", kvmmu.HostConfig(tdp_enabled=False), variant=always)
-    >>> hex(int(ctx["shadow_zero"][0][0, 0]))  # no bit 63: NX is usable
-    '0xffffc00000000'
+    >>> hex(int(ctx["shadow_zero"][0][0, 0]))  # PAE shadow root: bits 46..62 reserved, 63 free
+    '0x7fffc00000000000'
     """
 
     name: str

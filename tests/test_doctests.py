@@ -1,0 +1,15 @@
+"""The docstring examples of the installed package run and say what they show."""
+import doctest
+import importlib
+
+import pytest
+
+MODULES = ["kvmmu", "kvmmu._types", "kvmmu.roles", "kvmmu.engine", "kvmmu.variants",
+           "kvmmu.arch", "kvmmu.replay", "kvmmu.workloads"]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name):
+    mod = importlib.import_module(name)
+    res = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert res.failed == 0

@@ -66,3 +66,20 @@ from .replay import POLICIES, ReplayResult, replay
 from .workloads import WORKLOADS, Workload, workload
 
 __all__ += ["POLICIES", "ReplayResult", "replay", "WORKLOADS", "Workload", "workload"]
+
+from .analysis import (
+    DEFAULT_HOSTS,
+    CompareResult,
+    StaleGroup,
+    StaleReport,
+    SweepResult,
+    compare,
+    enumerate_states,
+    find_stale_roles,
+    guard_key,
+    state_space_size,
+    sweep,
+)
+
+__all__ += ["DEFAULT_HOSTS", "CompareResult", "StaleGroup", "StaleReport", "SweepResult", "compare",
+            "enumerate_states", "find_stale_roles", "guard_key", "state_space_size", "sweep"]

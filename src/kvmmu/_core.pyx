@@ -746,3 +746,17 @@ def pkru_bitmask(const uint8_t[::1] key, uint32_t[::1] out):
     with nogil:
         for i in range(n):
             out[i] = PKRU_LUT[key[i] & 3]
+
+
+def bare_compare_loop(const uint64_t[::1] roles):
+    """Count steps whose role equals the previous one: the floor of a guard skip."""
+    cdef Py_ssize_t i, n = roles.shape[0]
+    cdef uint64_t cached = 0
+    cdef Py_ssize_t same = 0
+    with nogil:
+        for i in range(n):
+            if roles[i] == cached:
+                same += 1
+            else:
+                cached = roles[i]
+    return same

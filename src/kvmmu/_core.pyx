@@ -760,3 +760,53 @@ def bare_compare_loop(const uint64_t[::1] roles):
             else:
                 cached = roles[i]
     return same
+
+
+cdef inline uint64_t mix64(uint64_t h, uint64_t x) noexcept nogil:
+    # splitmix64-style finaliser over h ^ x
+    h ^= x
+    h *= <uint64_t>0xBF58476D1CE4E5B9
+    h ^= h >> 31
+    h *= <uint64_t>0x94D049BB133111EB
+    h ^= h >> 29
+    return h
+
+
+def hash_records(const uint8_t[::1] recs, Py_ssize_t n, Py_ssize_t itemsize,
+                 const uint64_t[::1] word_mask, uint64_t[::1] out):
+    """64-bit hash per record of the 8-byte words selected by word_mask (AND-ed in)."""
+    cdef Py_ssize_t i, w, nw = word_mask.shape[0]
+    cdef const uint64_t *p
+    cdef uint64_t h
+    if n == 0:
+        return
+    with nogil:
+        for i in range(n):
+            p = <const uint64_t *>&recs[i * itemsize]
+            h = <uint64_t>0x9E3779B97F4A7C15
+            for w in range(nw):
+                if word_mask[w]:
+                    h = mix64(h, p[w] & word_mask[w])
+            out[i] = h
+
+
+def records_equal_to(const uint8_t[::1] recs, Py_ssize_t n, Py_ssize_t itemsize,
+                     const uint64_t[::1] word_mask, const int64_t[::1] rep):
+    """True when every record equals record rep[i] on the words of word_mask."""
+    cdef Py_ssize_t i, w, nw = word_mask.shape[0]
+    cdef const uint64_t *p
+    cdef const uint64_t *q
+    cdef int ok = 1
+    if n == 0:
+        return True
+    with nogil:
+        for i in range(n):
+            p = <const uint64_t *>&recs[i * itemsize]
+            q = <const uint64_t *>&recs[rep[i] * itemsize]
+            for w in range(nw):
+                if (p[w] ^ q[w]) & word_mask[w]:
+                    ok = 0
+                    break
+            if not ok:
+                break
+    return bool(ok)

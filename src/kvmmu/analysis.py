@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 import numpy as np
 
 from ._types import CONTEXT_DTYPE, FLAVORS, GUEST_DTYPE, VARIANTS, VERSIONS, EptConfig, HostConfig
+from . import _core
 from .engine import _as_ept, _as_host, _check_choice, as_guest_records, init_mmu
 from .roles import decode_role
 from .variants import Variant, resolve_variant
@@ -191,6 +192,32 @@ def guard_key(contexts: np.ndarray, flavor: str, version: str) -> Tuple[np.ndarr
     return k1, k2
 
 
+def _word_mask(fields: Sequence[str]) -> np.ndarray:
+    """Per 8-byte word of a CONTEXT_DTYPE record, the bits belonging to ``fields``."""
+    mask = np.zeros(CONTEXT_DTYPE.itemsize, dtype=np.uint8)
+    for f in fields:
+        dt, off = CONTEXT_DTYPE.fields[f][:2]
+        mask[off:off + dt.itemsize] = 0xFF
+    return mask.view(np.uint64).copy()
+
+
+def _context_ids(ctx: np.ndarray, fields: Sequence[str]) -> np.ndarray:
+    """Exact dense ids of distinct contexts, compared on ``fields`` (hash in the core,
+    then every record checked against its group's first; exact fallback on collision)."""
+    n = ctx.shape[0]
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    raw = np.ascontiguousarray(ctx).view(np.uint8).reshape(-1)
+    wm = _word_mask(fields)
+    h = np.empty(n, dtype=np.uint64)
+    _core.hash_records(raw, n, CONTEXT_DTYPE.itemsize, wm, h)
+    _, first, ids = np.unique(h, return_index=True, return_inverse=True)
+    ids = ids.reshape(-1).astype(np.int64)
+    if _core.records_equal_to(raw, n, CONTEXT_DTYPE.itemsize, wm, np.ascontiguousarray(first[ids])):
+        return ids
+    return _ids(_output_matrix(ctx, fields))
+
+
 def _output_matrix(ctx: np.ndarray, fields: Sequence[str]) -> np.ndarray:
     n = ctx.shape[0]
     cols = [ctx[f].reshape(n, -1).astype(np.uint64) for f in fields]
@@ -256,6 +283,16 @@ class StaleGroup:
                 "hidden_input": self.hidden_input, "fields": self.fields, "example": self.example}
 
 
+def _varies_alone(configs: Sequence[Any], name: str) -> bool:
+    seen = set()
+    for c in configs:
+        d = c.as_dict()
+        rest = tuple((k, v) for k, v in d.items() if k != name)
+        seen.add((rest, d[name]))
+    rests = [r for r, _ in seen]
+    return len(rests) != len(set(rests))
+
+
 class StaleReport:
     """Stale role groups, overall and per hidden input (accumulates over chunks)."""
 
@@ -269,9 +306,10 @@ class StaleReport:
         self.examples: Dict[str, List[StaleGroup]] = {}
         self._pairs: Optional[np.ndarray] = None  # unique (k1, k2, outputs...) rows
         self._roles: Optional[np.ndarray] = None
+        # A config field is a testable hidden input only when two configs differ in it alone.
         self.hidden_inputs = list(GUEST_HIDDEN) + \
-            [f"host.{f}" for f in HOST_FIELDS if len({getattr(h, f) for h in self.hosts}) > 1] + \
-            ([f"ept.{f}" for f in EPT_FIELDS if len({getattr(e, f) for e in self.epts}) > 1]
+            [f"host.{f}" for f in HOST_FIELDS if _varies_alone(self.hosts, f)] + \
+            ([f"ept.{f}" for f in EPT_FIELDS if _varies_alone(self.epts, f)]
              if flavor == "shadow_ept" else [])
 
     # -- accumulation ------------------------------------------------------
@@ -287,7 +325,7 @@ class StaleReport:
         m = allctx.shape[0]
         self.rows += m
         k1, k2 = guard_key(allctx, self.flavor, self.version)
-        out_id = _ids(_output_matrix(allctx, fields))
+        out_id = _context_ids(allctx, fields)
         n_out = int(out_id.max(initial=0)) + 1
         key_mat = np.stack([k1, k2], axis=1)
         key_id = _ids(key_mat)

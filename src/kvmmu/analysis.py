@@ -427,7 +427,16 @@ class StaleReport:
 
     @property
     def stale_groups(self) -> int:
-        """Role keys (the guard's comparison) with more than one distinct output."""
+        """Role keys under which changing one hidden input alone changes a cached output."""
+        keys: set = set()
+        for h in self.hidden_inputs:
+            keys |= self._stale_by_input.get(h, set())
+        return len(keys)
+
+    @property
+    def stale_groups_any_inputs(self) -> int:
+        """Role keys with more than one distinct cached output over all rows, whatever
+        differs between them (several hidden inputs at once, or whole host configs)."""
         if self._pairs is None:
             return 0
         counts = np.bincount(_ids(self._pairs[:, :2]))
@@ -458,7 +467,9 @@ class StaleReport:
     def to_dict(self) -> Dict[str, Any]:
         return {"flavor": self.flavor, "version": self.version, "variant": self.variant,
                 "inits": self.rows, "distinct_roles": self.distinct_roles,
-                "stale_groups": self.stale_groups, "by_hidden_input": self.counts_by_input,
+                "stale_groups": self.stale_groups,
+                "stale_groups_any_inputs": self.stale_groups_any_inputs,
+                "by_hidden_input": self.counts_by_input,
                 "examples": [g.to_dict() for g in self.groups()]}
 
     def to_frame(self):

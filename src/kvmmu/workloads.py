@@ -97,9 +97,17 @@ def cpuid_update(n: int = 1024, every: int = 256, invalidate: bool = True,
     return _make("cpuid_update", g, invalidate=inv)
 
 
-def random(n: int = 1024, seed: int = 0, vcpus: int = 1, full_width: bool = False) -> Workload:
-    """Random states over the bits KVM consults (or full-width registers)."""
+def random(n: int = 1024, seed: int = 0, vcpus: int = 1, full_width: bool = False,
+           vary_cpuid: bool = False) -> Workload:
+    """Random states over the bits KVM consults (or full-width registers).
+
+    Guest CPUID (MAXPHYADDR, vendor, 1 GiB pages) is drawn once per vCPU, as
+    KVM refuses CPUID changes after the first KVM_RUN; ``vary_cpuid=True``
+    draws it per step instead (with no invalidation: the guard then serves
+    stale tables, which is the point of asking for it)."""
     rng = np.random.default_rng(seed)
+    nv = max(vcpus, 1)
+    vcpu = rng.integers(0, nv, n).astype(np.int64)
     if full_width:
         cr0, cr4, efer = (rng.integers(0, 2**64, n, dtype=np.uint64, endpoint=False) for _ in range(3))
     else:
@@ -108,11 +116,14 @@ def random(n: int = 1024, seed: int = 0, vcpus: int = 1, full_width: bool = Fals
         cr0 = pick((0, 16, 31)).astype(np.uint64)
         cr4 = pick((4, 5, 12, 20, 21, 22)).astype(np.uint64)
         efer = pick((8, 10, 11)).astype(np.uint64)
-    g = guests(cr0=cr0, cr4=cr4, efer=efer, maxphyaddr=rng.choice([36, 39, 46, 52], n),
-               guest_amd=rng.integers(0, 2, n).astype(bool),
-               guest_gbpages=rng.integers(0, 2, n).astype(bool),
-               smm=rng.random(n) < 0.05, guest_mode=rng.random(n) < 0.1)
-    return _make("random", g, vcpu=rng.integers(0, max(vcpus, 1), n).astype(np.int64))
+    k = n if vary_cpuid else nv
+    mpa = rng.choice([36, 39, 46, 52], k)
+    amd = rng.integers(0, 2, k).astype(bool)
+    gb = rng.integers(0, 2, k).astype(bool)
+    sel = np.arange(n) if vary_cpuid else vcpu
+    g = guests(cr0=cr0, cr4=cr4, efer=efer, maxphyaddr=mpa[sel], guest_amd=amd[sel],
+               guest_gbpages=gb[sel], smm=rng.random(n) < 0.05, guest_mode=rng.random(n) < 0.1)
+    return _make("random", g, vcpu=vcpu)
 
 
 def workload(name: str, **kwargs: Any) -> Workload:

@@ -66,6 +66,7 @@ directives = {
 ext = Extension(
     "kvmmu._core",
     ["src/kvmmu/_core.pyx"],
+    depends=["src/kvmmu/_access.pxi"],
     extra_compile_args=extra_compile,
     extra_link_args=extra_link,
     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION"),

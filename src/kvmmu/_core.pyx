@@ -810,3 +810,6 @@ def records_equal_to(const uint8_t[::1] recs, Py_ssize_t n, Py_ssize_t itemsize,
             if not ok:
                 break
     return bool(ok)
+
+
+include "_access.pxi"

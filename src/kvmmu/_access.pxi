@@ -1,0 +1,1 @@
+# Access verdicts (guest walk + permission_fault); included by _core.pyx.

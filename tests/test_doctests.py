@@ -5,7 +5,8 @@ import importlib
 import pytest
 
 MODULES = ["kvmmu", "kvmmu._types", "kvmmu.roles", "kvmmu.engine", "kvmmu.variants",
-           "kvmmu.arch", "kvmmu.replay", "kvmmu.workloads"]
+           "kvmmu.arch", "kvmmu.replay", "kvmmu.workloads", "kvmmu.analysis",
+           "kvmmu.traces"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -65,17 +65,6 @@ def replay(g=None, flavor="tdp", **kw):
     return lambda: kvmmu.replay(G(3) if g is None else g, flavor, **kw)
 
 
-XFAIL_V616_CUSTOM = pytest.mark.xfail(
-    strict=True,
-    reason="src bug: make_params() only compares variant.name with 'v517', so a user "
-           "Variant (or as_python_variant('v517')) named 'v517' is accepted under v6.16; "
-           "its uses_nx is called and then silently ignored by the v6.16 core")
-XFAIL_EMPTY_LISTS = pytest.mark.xfail(
-    strict=True,
-    reason="src wart: replay(empty, invalidate=[], vcpu=[]) raises 'vcpu must be integers, "
-           "got dtype float64' because np.asarray([]) is float64")
-
-
 # ---------------------------------------------------------------------------
 # BAD: (id, callable, exact exception type, fragment of the message)
 
@@ -138,17 +127,9 @@ BAD = [
      "state 1"),
     ("strict-not-bool", init(strict=1), TypeError, "strict must be a bool"),
     pytest.param("strict-0d-batch", init(G(maxphyaddr=60).reshape(()), strict=True), ValueError,
-                 "MAXPHYADDR above 52", id="strict-0d-batch", marks=pytest.mark.xfail(
-                     strict=True,
-                     reason="src bug: arch.require_architectural indexes a 0-d reasons array "
-                            "with [0] (ndim > 1 test misses ndim == 0): IndexError 'too many "
-                            "indices' instead of the strict ValueError")),
+                 "MAXPHYADDR above 52", id="strict-0d-batch", ),
     pytest.param("strict-2d-index-readable", init(G(maxphyaddr=np.array([[46, 60]])), strict=True),
-                 ValueError, "state (0, 1) is not architectural", id="strict-2d-index-readable",
-                 marks=pytest.mark.xfail(
-                     strict=True,
-                     reason="src wart: require_architectural formats a 2-D index as "
-                            "'(np.int64(0), np.int64(1))' under numpy 2")),
+                 ValueError, "state (0, 1) is not architectural", id="strict-2d-index-readable",),
 
     # --- building blocks
     ("reset-level-0", lambda: kvmmu.reset_rsvds_bits_mask(0, 0, 1, 1, 0, 0), ValueError,
@@ -251,11 +232,11 @@ BAD = [
      ValueError, "variant 'mine' applies to version 'v5.17' only"),
     pytest.param("v616-custom-variant-named-v517",
                  init(flavor="shadow", version="v6.16", variant=custom("v517")),
-                 ValueError, "variant", marks=XFAIL_V616_CUSTOM,
+                 ValueError, "variant",
                  id="v616-custom-variant-named-v517"),
     pytest.param("v616-python-v517",
                  init(flavor="shadow", version="v6.16", variant=as_python_variant("v517")),
-                 ValueError, "variant", marks=XFAIL_V616_CUSTOM, id="v616-python-v517"),
+                 ValueError, "variant", id="v616-python-v517"),
 
     # --- user variants that misbehave
     ("variant-not-callable", lambda: kvmmu.Variant("x", 5), TypeError, "uses_nx must be callable"),
@@ -374,7 +355,7 @@ VALID = [
                          vcpu=np.zeros(0, np.int64))), True),
     pytest.param("empty-replay-lists",
                  _empty_check(replay(np.zeros(0, GD), invalidate=[], vcpu=[])), True,
-                 marks=XFAIL_EMPTY_LISTS, id="empty-replay-lists"),
+                 id="empty-replay-lists"),
     ("empty-replay-custom-variant",
      _empty_check(replay(np.zeros(0, GD), "shadow", variant=custom(inside_guard=False))), True),
     ("empty-replay-inits", lambda: kvmmu.replay(np.zeros(0, GD), "tdp").inits, 0),

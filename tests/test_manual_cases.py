@@ -11,7 +11,6 @@ Notation: ``bits a..b`` = the contiguous run of bits a to b inclusive;
 """
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 import kvmmu

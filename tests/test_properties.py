@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import kvmmu
@@ -50,7 +50,7 @@ CR4_BITS = (4, 5, 12, 20, 21, 22)        # PSE, PAE, LA57, SMEP, SMAP, PKE
 EFER_BITS = (10, 11)                     # LMA, NX (LME, bit 8, is never consulted)
 
 
-def _interesting(bits, extra_noise_bits):
+def _interesting(bits):
     """A register built from the consulted bits, optionally with noise elsewhere."""
     consulted = sum(1 << b for b in bits)
 
@@ -67,8 +67,8 @@ def _interesting(bits, extra_noise_bits):
 def register(bits, realistic):
     return st.one_of(
         st.integers(0, U64),                     # fully random u64
-        _interesting(bits, True),
-        _interesting(bits, True),                # weight the consulted bits
+        _interesting(bits),
+        _interesting(bits),                      # weight the consulted bits
         st.sampled_from(realistic),
     )
 

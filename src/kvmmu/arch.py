@@ -104,6 +104,10 @@ def require_architectural(guests: np.ndarray, host: Optional[HostConfig]) -> Non
     bad = np.flatnonzero(chk.reasons.reshape(-1))
     if bad.size:
         i = int(bad[0])
-        idx = np.unravel_index(i, chk.reasons.shape) if chk.reasons.ndim > 1 else i
+        if chk.reasons.ndim <= 1:
+            idx: Any = i
+        else:
+            idx = tuple(int(k) for k in np.unravel_index(i, chk.reasons.shape))
+        flat = ArchitecturalCheck(chk.reasons.reshape(-1))
         raise ValueError(f"strict: state {idx} is not architectural: "
-                         + "; ".join(chk.explain(idx)))
+                         + "; ".join(flat.explain(i)))

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -16,7 +16,7 @@ from ._types import (
     HostConfig,
 )
 from .roles import unpack_role
-from .variants import Variant, resolve_variant
+from .variants import BUILTIN_VARIANTS, Variant, resolve_variant
 from .arch import require_architectural
 
 _BOOL_FIELDS = ("guest_amd", "guest_gbpages", "smm", "guest_mode")
@@ -140,7 +140,8 @@ def make_params(flavor: str, host: Any, ept: Any, version: str,
     _check_choice("flavor", flavor, FLAVORS)
     _check_choice("version", version, VERSIONS)
     var = resolve_variant(variant)
-    if version != "v5.17" and var.name != "v517":
+    if version != "v5.17" and var is not BUILTIN_VARIANTS["v517"]:
+        # v6.16 takes the NX assumption from root_role.efer_nx; there is nothing to vary
         raise ValueError(f"variant {var.name!r} applies to version 'v5.17' only; "
                          f"under {version} leave variant at its default 'v517'")
     h = _as_host(host)
@@ -268,8 +269,13 @@ def _bool_array(name: str, value: Any) -> np.ndarray:
     return _int_array(name, value, 0, 1).astype(np.uint8)
 
 
-def _flat(*arrays: np.ndarray) -> Tuple[Tuple[int, ...], List[np.ndarray]]:
-    shape = np.broadcast_shapes(*(a.shape for a in arrays))
+def _flat(*arrays: np.ndarray, names: Sequence[str] = ()) -> Tuple[Tuple[int, ...], List[np.ndarray]]:
+    try:
+        shape = np.broadcast_shapes(*(a.shape for a in arrays))
+    except ValueError:
+        desc = ", ".join(f"{n} {a.shape}" for n, a in zip(names, arrays)) or \
+            ", ".join(str(a.shape) for a in arrays)
+        raise ValueError(f"arguments do not broadcast together: {desc}") from None
     return shape, [np.ascontiguousarray(np.broadcast_to(a, shape).reshape(-1)) for a in arrays]
 
 
@@ -282,7 +288,7 @@ def rsvd_bits(s: Any, e: Any) -> np.ndarray:
     """
     sa = _int_array("s", s, 0, 255)
     ea = _int_array("e", e, 0, 2**63 - 1)
-    shape, (sf, ef) = _flat(sa.astype(np.int64), ea.astype(np.int64))
+    shape, (sf, ef) = _flat(sa.astype(np.int64), ea.astype(np.int64), names=("s", "e"))
     out = np.empty(sf.size, dtype=np.uint64)
     _core.rsvd_bits_array(sf, ef, out)
     return out.reshape(shape)
@@ -310,7 +316,7 @@ def reset_rsvds_bits_mask(level: Any, pa_bits_rsvd: Any, nx: Any, gbpages: Any, 
     pa = _int_array("pa_bits_rsvd", pa_bits_rsvd, 0, 2**64 - 1)
     arrs = [lv.astype(np.int64), pa.astype(np.uint64)] + [
         _bool_array(n, v) for n, v in (("nx", nx), ("gbpages", gbpages), ("pse", pse), ("amd", amd))]
-    shape, flat = _flat(*arrs)
+    shape, flat = _flat(*arrs, names=("level", "pa_bits_rsvd", "nx", "gbpages", "pse", "amd"))
     masks = np.zeros((flat[0].size, 10), dtype=np.uint64)
     bad = np.zeros(flat[0].size, dtype=np.uint64)
     _core.reset_rsvds_bits_mask(*flat, masks, bad)
@@ -328,7 +334,8 @@ def reset_rsvds_bits_mask_ept(pa_bits_rsvd: Any, execonly: Any, huge_page_level:
     pa = _int_array("pa_bits_rsvd", pa_bits_rsvd, 0, 2**64 - 1)
     ex = _bool_array("execonly", execonly)
     hp = _int_array("huge_page_level", huge_page_level, 1, 3)
-    shape, flat = _flat(pa.astype(np.uint64), ex, hp.astype(np.int64))
+    shape, flat = _flat(pa.astype(np.uint64), ex, hp.astype(np.int64),
+                        names=("pa_bits_rsvd", "execonly", "huge_page_level"))
     masks = np.zeros((flat[0].size, 10), dtype=np.uint64)
     bad = np.zeros(flat[0].size, dtype=np.uint64)
     _core.reset_rsvds_bits_mask_ept(*flat, masks, bad)
@@ -350,7 +357,8 @@ def update_permission_bitmask(cr0_wp: Any, efer_nx: Any, cr4_smep: Any, cr4_smap
     wp, nx, smep, smap, e = (_bool_array(n, v) for n, v in (
         ("cr0_wp", cr0_wp), ("efer_nx", efer_nx), ("cr4_smep", cr4_smep), ("cr4_smap", cr4_smap),
         ("ept", ept)))
-    shape, (wp, nx, smep, smap, e) = _flat(wp, nx, smep, smap, e)
+    shape, (wp, nx, smep, smap, e) = _flat(wp, nx, smep, smap, e,
+                                           names=("cr0_wp", "efer_nx", "cr4_smep", "cr4_smap", "ept"))
     key = np.ascontiguousarray(nx | (wp << 1) | (smep << 2) | (smap << 3), dtype=np.uint8)
     out = np.empty((key.size, 16), dtype=np.uint8)
     _core.permission_bitmask(key, e, out)
@@ -365,7 +373,7 @@ def update_pkru_bitmask(cr4_pke: Any, cr0_wp: Any) -> np.ndarray:
     '0xdd00'
     """
     pke, wp = _bool_array("cr4_pke", cr4_pke), _bool_array("cr0_wp", cr0_wp)
-    shape, (pke, wp) = _flat(pke, wp)
+    shape, (pke, wp) = _flat(pke, wp, names=("cr4_pke", "cr0_wp"))
     key = np.ascontiguousarray(pke | (wp << 1), dtype=np.uint8)
     out = np.empty(key.size, dtype=np.uint32)
     _core.pkru_bitmask(key, out)
@@ -383,7 +391,11 @@ def _as_contexts(ctx: Any) -> np.ndarray:
 def _rsvd_check(table: np.ndarray, bad_mt_xwr: np.ndarray, pte: Any, level: Any) -> np.ndarray:
     p = _int_array("pte", pte, 0, 2**64 - 1).astype(np.uint64)
     lv = _int_array("level", level, 1, 5).astype(np.intp)
-    shape = np.broadcast_shapes(table.shape[:-2], p.shape, lv.shape)
+    try:
+        shape = np.broadcast_shapes(table.shape[:-2], p.shape, lv.shape)
+    except ValueError:
+        raise ValueError(f"ctx {table.shape[:-2]}, pte {p.shape} and level {lv.shape} "
+                         "do not broadcast together") from None
     table = np.broadcast_to(table, shape + (2, 5))
     p = np.broadcast_to(p, shape)
     lv = np.broadcast_to(lv, shape)

@@ -17,6 +17,8 @@ def _step_array(name: str, value: Any, n: int, kind: str) -> np.ndarray:
     arr = np.asarray(value)
     if arr.ndim != 1 or arr.shape[0] != n:
         raise ValueError(f"{name} must be a 1-D array with one entry per step ({n}), got shape {arr.shape}")
+    if arr.size == 0:
+        return np.zeros(0, dtype=bool if kind == "b" else np.int64)   # [] is float64 to numpy
     if arr.dtype.kind not in kind:
         raise TypeError(f"{name} must be {'bool' if kind == 'b' else 'integer'}s, got dtype {arr.dtype}")
     return arr
@@ -123,7 +125,10 @@ def replay(guests: np.ndarray, flavor: str, host: Optional[HostConfig] = None,
     if vcpu is None:
         vcpu_arr = np.zeros(n, dtype=np.int64)
     else:
-        vcpu_arr = _step_array("vcpu", vcpu, n, "iu").astype(np.int64)
+        vcpu_arr = _step_array("vcpu", vcpu, n, "iu")
+        if vcpu_arr.size and vcpu_arr.dtype.kind == "u" and int(vcpu_arr.max()) > np.iinfo(np.int64).max:
+            raise ValueError("vcpu ids must fit in int64")
+        vcpu_arr = vcpu_arr.astype(np.int64)
     vcpu_ids, slot = np.unique(vcpu_arr, return_inverse=True)
     slot = np.ascontiguousarray(slot, dtype=np.int64)
     nslots = max(len(vcpu_ids), 1)

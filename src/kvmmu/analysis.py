@@ -727,7 +727,8 @@ def sweep(flavors: Sequence[str] = FLAVORS, versions: Sequence[str] = ("v5.17",)
     and its tdp_enabled-flipped twin as hidden inputs (and, for shadow_ept,
     every EptConfig in ``epts``: default huge_page_level 3 and 2). States
     are generated in chunks, so memory stays bounded whatever the size.
-    ``progress(done, total)`` is called after each chunk.
+    ``progress(done, total)`` is called after each chunk (``total`` counts chunks of
+    all (version, flavor) cells).
 
     >>> import kvmmu
     >>> r = kvmmu.sweep(flavors=["shadow"], maxphyaddrs=[46], check_guard=False)
@@ -760,7 +761,10 @@ def sweep(flavors: Sequence[str] = FLAVORS, versions: Sequence[str] = ("v5.17",)
             vs = [v for v in vs if v.name == "v517"] or [resolve_variant("v517")]
         for flavor in flavors:
             plan.append((version, flavor, vs))
-    total = len(plan)
+    per_ctrl = 16 * len(list(maxphyaddrs))
+    n_chunks = -(-sum(1 for _ in _control_words(reachable_only)) // max(1, chunk_size // per_ctrl))
+    total = len(plan) * n_chunks
+    done = 0
     t0 = time.perf_counter()
     for step, (version, flavor, vs) in enumerate(plan):
         base = resolve_variant("v517")
@@ -804,6 +808,9 @@ def sweep(flavors: Sequence[str] = FLAVORS, versions: Sequence[str] = ("v5.17",)
                     eidx.append(j)
                     inits += chunk.shape[0]
                 rep.add(chunk, ctxs, hidx, eidx, cached_fields(v))
+            done += 1
+            if progress is not None:
+                progress(done, total)
         for name, cell in cell_map.items():
             cell.distinct_roles = len(role_sets[name])
             if version == "v5.17" and len(vs) > 1:
@@ -812,7 +819,5 @@ def sweep(flavors: Sequence[str] = FLAVORS, versions: Sequence[str] = ("v5.17",)
                         cell.variant_mismatch.setdefault(v.name, 0)
             cells.append(cell)
         reports.extend(reps.values())
-        if progress is not None:
-            progress(step + 1, total)
     return SweepResult(cells, reports, n_states, inits, time.perf_counter() - t0,
                        reachable_only, maxphyaddrs, hosts)

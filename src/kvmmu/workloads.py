@@ -13,13 +13,13 @@ from ._types import GUEST_DTYPE, guests
 
 # Architectural values (Intel SDM vol. 3, 9.1.1 and 2.5).
 CR0_RESET = 0x60000010          # CD | NW | ET after RESET/INIT
-CR0_PE, CR0_TS, CR0_WP, CR0_PG = 1 << 0, 1 << 3, 1 << 16, 1 << 31
+CR0_PE, CR0_TS, CR0_ET, CR0_WP, CR0_PG = 1 << 0, 1 << 3, 1 << 4, 1 << 16, 1 << 31
 CR0_MP, CR0_NE, CR0_AM = 1 << 1, 1 << 5, 1 << 18
 CR4_PAE, CR4_PGE, CR4_OSFXSR = 1 << 5, 1 << 7, 1 << 9
 CR4_SMEP, CR4_SMAP = 1 << 20, 1 << 21
 EFER_SCE, EFER_LME, EFER_LMA, EFER_NX = 1 << 0, 1 << 8, 1 << 10, 1 << 11
 
-LINUX_CR0 = CR0_PE | CR0_MP | CR0_NE | CR0_WP | CR0_AM | CR0_PG   # 0x80050033
+LINUX_CR0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_AM | CR0_PG   # 0x80050033
 LINUX_CR4 = CR4_PAE | CR4_PGE | CR4_OSFXSR | (1 << 10) | CR4_SMEP | CR4_SMAP
 LINUX_EFER = EFER_SCE | EFER_LME | EFER_LMA | EFER_NX             # 0xd01
 

@@ -237,6 +237,10 @@ def _cython_version() -> str:
         return "not installed"
 
 
+def pytest_sessionstart(session):
+    session.config._kvmmu_load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
+
+
 def pytest_benchmark_update_machine_info(config, machine_info):
     import kvmmu._core as core
 
@@ -256,6 +260,8 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "has_bare_compare_loop": hasattr(core, "bare_compare_loop"),
         "has_sweep": hasattr(kvmmu, "sweep"),
         "slow": bool(config.getoption("slow")),
+        "loadavg_start": getattr(config, "_kvmmu_load_start", None),
+        "loadavg_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["python", "-m", "pytest"] + list(config.invocation_params.args)),
     }

@@ -308,3 +308,35 @@ def test_allocation(benchmark, prealloc, request, guests_of, out_of):
     benchmark(kvmmu.init_mmu, g, "tdp", out=out, threads=1)
     record(benchmark, thread_n, impl="kvmmu", kind="allocation", prealloc=prealloc,
            flavor="tdp", version="v5.17", threads=1)
+
+
+# ---------------------------------------------------------------------------
+# batch composition: the same N, states that are more or less alike
+
+LINUX = dict(cr0=0x80050033, cr4=0x3006f0, efer=0xd01)
+
+
+def _mix_batch(kind, n, guests_of):
+    if kind == "random_full_width":
+        return guests_of(n)
+    if kind == "random_consulted_bits":
+        return kvmmu.workload("random", n=n, seed=0).guests
+    # one paging mode (Linux long mode), per-state MAXPHYADDR / vendor from a numpy RNG
+    return guests_of(n, cr0=LINUX["cr0"], cr4=LINUX["cr4"], efer=LINUX["efer"],
+                     maxphyaddr=lambda rng, k: rng.choice([36, 39, 46, 52], k),
+                     guest_amd=lambda rng, k: rng.integers(0, 2, k).astype(bool),
+                     guest_gbpages=True)
+
+
+@pytest.mark.parametrize("mix", ["random_full_width", "random_consulted_bits", "uniform_long_mode"])
+@pytest.mark.parametrize("flavor", ["tdp", "shadow"])
+def test_batch_mix(benchmark, flavor, mix, request, guests_of, out_of):
+    """Branchy per-state code pays for unpredictable paging modes: same N, other states."""
+    n = thread_sizes(request.config)[0]
+    g = _mix_batch(mix, n, guests_of)
+    out = out_of(n)
+    benchmark.group = f"batch mix {flavor} v5.17 N={size_id(n)}"
+    benchmark.name = f"init_mmu {flavor} v5.17 threads=1 {mix}"
+    benchmark(kvmmu.init_mmu, g, flavor, out=out, threads=1, **init_kwargs(flavor))
+    record(benchmark, n, impl="kvmmu", kind="batch_mix", mix=mix, flavor=flavor,
+           version="v5.17", threads=1)

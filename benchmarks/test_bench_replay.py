@@ -8,6 +8,10 @@ Group ``replay <workload> <flavor> <version>`` holds three rows:
   step's role words: a nogil loop that only compares neighbouring uint64
   roles, i.e. the least a skip can cost.
 
+Group ``replay floors`` adds the other part of every replay step, skipped or
+not: writing the step's 216-byte context into ``out`` (timed here as a NumPy
+broadcast of one record's bytes into an ``(n, 216)`` uint8 view).
+
 extra_info holds ``n`` (steps), ``ns_per_init`` (= ns_per_state) and, for the
 replays, ``skip_fraction`` and ``recomputes``.
 """
@@ -86,3 +90,16 @@ def test_bare_compare_floor(benchmark, name, flavor, version, request):
            flavor=flavor, version=version, equal_neighbours=int(same))
     if "ns_per_state" in benchmark.extra_info:
         benchmark.extra_info["ns_per_init"] = benchmark.extra_info["ns_per_state"]
+
+
+def test_replay_copy_floor(benchmark, request):
+    """Writing n contexts of 216 bytes (what replay does per step besides the init)."""
+    n = replay_steps(request.config)
+    out = np.zeros(n, dtype=kvmmu.CONTEXT_DTYPE)
+    rows = out.view(np.uint8).reshape(n, kvmmu.CONTEXT_DTYPE.itemsize)
+    one = kvmmu.init_mmu(kvmmu.guests(cr0=0x80050033, cr4=0x3006f0, efer=0xd01), "tdp")
+    row = one.view(np.uint8).reshape(-1)
+    benchmark.group = "replay floors"
+    benchmark.name = "copy floor: write one 216-byte context per step"
+    benchmark(rows.__setitem__, slice(None), row)
+    record(benchmark, n, impl="numpy", kind="replay_copy_floor")

@@ -1,75 +1,83 @@
 """kvmmu.sweep() with its defaults (every flavor, one version, reachable states).
 
-The sweep runs in a forked child with a deadline (``--sweep-timeout``,
-default 60 s) so a slow sweep cannot stall the suite. The child reports its
-progress; on a timeout the run is stopped and the total is extrapolated from
-the fraction done. extra_info: ``sweep_s`` (measured inside the child, or the
-extrapolation), ``timed_out``, ``states``, ``chunks_done``/``chunks_total``.
+The sweep runs in a fresh child interpreter (``subprocess``, not ``fork``:
+libgomp deadlocks in a forked child once the parent has run an OpenMP
+region, which the thread benchmarks do) with a deadline (``--sweep-timeout``,
+default 60 s), so a slow sweep cannot stall the suite. The child reports its
+progress; on a timeout it is stopped and the total is extrapolated from the
+fraction done. extra_info: ``sweep_s`` (timed inside the child around the
+``kvmmu.sweep`` call only, or the extrapolation), ``timed_out``, ``states``,
+``inits``, ``chunks_done``/``chunks_total``.
 """
 from __future__ import annotations
 
-import multiprocessing as mp
+import json
+import os
+import selectors
+import subprocess
+import sys
 import time
 
 import pytest
 
 import kvmmu
 
-
-def _child(conn, kwargs):
-    t0 = time.perf_counter()
-
-    def progress(done, total):
-        conn.send(("progress", done, total, time.perf_counter() - t0))
-
-    try:
-        res = kvmmu.sweep(progress=progress, **kwargs)
-        states = getattr(res, "states", None)
-        conn.send(("done", time.perf_counter() - t0, states))
-    except BaseException as exc:  # report, do not hang the parent
-        conn.send(("error", repr(exc)))
-    finally:
-        conn.close()
+CHILD = r"""
+import json, sys, time
+import kvmmu
+kwargs = json.loads(sys.argv[1])
+def emit(*a):
+    sys.stdout.write(json.dumps(a) + "\n"); sys.stdout.flush()
+t0 = time.perf_counter()
+def progress(done, total):
+    emit("progress", done, total, time.perf_counter() - t0)
+try:
+    res = kvmmu.sweep(progress=progress, **kwargs)
+    emit("done", time.perf_counter() - t0, getattr(res, "states", None),
+         getattr(res, "inits", None))
+except BaseException as exc:
+    emit("error", repr(exc))
+"""
 
 
 def run_sweep(timeout: float, kwargs=None) -> dict:
-    """Run kvmmu.sweep(**kwargs) in a forked child; return timing and progress."""
-    ctx = mp.get_context("fork")
-    parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(child, kwargs or {}), daemon=True)
-    t0 = time.perf_counter()
-    proc.start()
-    child.close()
+    """Run kvmmu.sweep(**kwargs) in a child interpreter; return timing and progress."""
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(kwargs or {})],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ))
     info = {"timed_out": False, "chunks_done": 0, "chunks_total": None, "states": None}
-    deadline = t0 + timeout
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    deadline = time.perf_counter() + timeout
     try:
         while True:
             left = deadline - time.perf_counter()
-            if left <= 0 or not parent.poll(left):
-                if time.perf_counter() >= deadline:
-                    info["timed_out"] = True
-                    break
-                continue
-            try:
-                msg = parent.recv()
-            except EOFError:
-                info["error"] = "child exited without a result"
+            if left <= 0:
+                info["timed_out"] = True
                 break
+            if not sel.select(left):
+                continue
+            line = proc.stdout.readline()
+            if not line:
+                info["error"] = "child exited without a result: " + proc.stderr.read()[-2000:]
+                break
+            msg = json.loads(line)
             if msg[0] == "progress":
                 _, done, total, at = msg
                 info.update(chunks_done=done, chunks_total=total, progress_s=at)
             elif msg[0] == "done":
-                info["sweep_s"] = msg[1]
-                info["states"] = msg[2]
+                info.update(sweep_s=msg[1], states=msg[2], inits=msg[3])
                 break
             else:
                 info["error"] = msg[1]
                 break
     finally:
-        if proc.is_alive():
+        sel.close()
+        if proc.poll() is None:
             proc.kill()          # only the child this function started
-        proc.join(5)
-        parent.close()
+        proc.wait(10)
+        proc.stdout.close()
+        proc.stderr.close()
     if info["timed_out"]:
         done, total = info["chunks_done"], info["chunks_total"]
         info["elapsed_at_timeout_s"] = timeout

@@ -13,7 +13,7 @@ import sys
 import sysconfig
 import tempfile
 
-import numpy  # noqa: F401  (build requirement; ensures the right interpreter)
+import numpy
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
@@ -67,6 +67,7 @@ ext = Extension(
     "kvmmu._core",
     ["src/kvmmu/_core.pyx"],
     depends=["src/kvmmu/_access.pxi"],
+    include_dirs=[numpy.get_include()],
     extra_compile_args=extra_compile,
     extra_link_args=extra_link,
     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION"),

@@ -12,6 +12,9 @@ unless said otherwise). The code is our own formulation of those rules.
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
 from libc.string cimport memset, memcpy
 from cython.parallel cimport prange
+cimport numpy as cnp
+
+cnp.import_array()
 
 cdef extern from *:
     """
@@ -27,6 +30,27 @@ cdef extern from *:
     int KVMMU_OPENMP
     int KVMMU_DEBUG_BUILD
     int kvmmu_max_threads() nogil
+
+cdef extern from *:
+    """
+    #include <string.h>
+    #if defined(__x86_64__) && defined(__SSE2__)
+    #include <emmintrin.h>
+    /* Non-temporal 8-byte stores: a large output is written once and not read
+       back soon, so skipping the read-for-ownership halves its memory traffic. */
+    static inline void kvmmu_stream_copy(void *dst, const void *src, size_t n) {
+        long long *d = (long long *)dst; const long long *s = (const long long *)src;
+        size_t i;
+        for (i = 0; i < n / 8; i++) _mm_stream_si64(d + i, s[i]);
+    }
+    static inline void kvmmu_sfence(void) { _mm_sfence(); }
+    #else
+    static inline void kvmmu_stream_copy(void *dst, const void *src, size_t n) { memcpy(dst, src, n); }
+    static inline void kvmmu_sfence(void) { }
+    #endif
+    """
+    void kvmmu_stream_copy(void *dst, const void *src, size_t n) nogil
+    void kvmmu_sfence() nogil
 
 
 # ---------------------------------------------------------------------------
@@ -75,6 +99,13 @@ ctypedef struct params_t:
     int ept_accessed_dirty
     int eptp_level
     int root_mmu_smm        # -1: take the state's own smm
+    # Host-only shadow-zero tables, built once per batch (they do not depend on
+    # the guest): TDP per level, with the slots each level writes; nested EPT.
+    uint64_t sz_tdp[6][10]
+    uint64_t sz_tdp_keep[6][10]
+    uint64_t sz_tdp_bad
+    uint64_t sz_ept[10]
+    uint64_t sz_ept_bad
 
 cdef enum:
     FL_TDP = 0
@@ -315,18 +346,28 @@ cdef inline void shadow_zero_legacy(context_t *c, const params_t *p, int level,
                 m[5 + i] = (m[5 + i] | p.shadow_me_mask) & ~p.shadow_me_value
 
 
-cdef inline void shadow_zero_tdp(context_t *c, const params_t *p, int level) noexcept nogil:
+cdef void shadow_zero_tdp_compute(uint64_t *m, uint64_t *bad, const params_t *p,
+                                  int level) noexcept nogil:
     # reset_tdp_shadow_zero_bits_mask(): format of the host's own TDP tables.
-    cdef uint64_t *m = &c.shadow_zero[0][0]
     if p.host_tdp_is_amd:
         # NPT: v5.17 passes nx=false (bit 63 reserved), v6 nx=true
-        reset_rsvds_legacy(m, &c.shadow_bad_mt_xwr, level, p.reserved_hpa_bits,
-                           p.version == 1, p.host_gbpages, 0, 1)
+        reset_rsvds_legacy(m, bad, level, p.reserved_hpa_bits, p.version == 1,
+                           p.host_gbpages, 0, 1)
     else:
-        reset_rsvds_ept(m, &c.shadow_bad_mt_xwr, p.reserved_hpa_bits, 0,
-                        p.max_huge_page_level)
+        reset_rsvds_ept(m, bad, p.reserved_hpa_bits, 0, p.max_huge_page_level)
     if p.shadow_me_mask:
         clear_me_mask(m, level, p.shadow_me_mask)
+
+
+cdef inline void shadow_zero_tdp(context_t *c, const params_t *p, int level) noexcept nogil:
+    # the precomputed table for this level, applied to the slots as the builder would
+    cdef uint64_t *m = &c.shadow_zero[0][0]
+    cdef const uint64_t *t = p.sz_tdp[level]
+    cdef const uint64_t *keep = p.sz_tdp_keep[level]
+    cdef int j
+    for j in range(10):
+        m[j] = (m[j] & keep[j]) | t[j]
+    c.shadow_bad_mt_xwr = p.sz_tdp_bad
 
 
 cdef inline int v517_uses_nx(const params_t *p, uint64_t role, int uses_nx_arg) noexcept nogil:
@@ -383,8 +424,8 @@ cdef int init_v517(context_t *c, const guest_t *g, const params_t *p,
         reset_rsvds_ept(&c.guest_rsvd[0][0], &c.guest_bad_mt_xwr, rsvd_bits(g.maxphyaddr, 63),
                         p.ept_execonly, p.ept_huge_page_level)
         # reset_ept_shadow_zero_bits_mask(): the host's huge page level
-        reset_rsvds_ept(&c.shadow_zero[0][0], &c.shadow_bad_mt_xwr, p.reserved_hpa_bits,
-                        p.ept_execonly, p.max_huge_page_level)
+        memcpy(c.shadow_zero, p.sz_ept, sizeof(p.sz_ept))
+        c.shadow_bad_mt_xwr = p.sz_ept_bad
         return 1
 
     if fl == FL_SHADOW_NPT:
@@ -472,8 +513,8 @@ cdef int init_v616(context_t *c, const guest_t *g, const params_t *p, int force)
         c.pkru_mask = 0
         reset_rsvds_ept(&c.guest_rsvd[0][0], &c.guest_bad_mt_xwr, rsvd_bits(g.maxphyaddr, 63),
                         p.ept_execonly, p.ept_huge_page_level)
-        reset_rsvds_ept(&c.shadow_zero[0][0], &c.shadow_bad_mt_xwr, p.reserved_hpa_bits,
-                        p.ept_execonly, p.max_huge_page_level)
+        memcpy(c.shadow_zero, p.sz_ept, sizeof(p.sz_ept))
+        c.shadow_bad_mt_xwr = p.sz_ept_bad
         return 1
 
     if fl == FL_SHADOW_NPT:
@@ -573,7 +614,38 @@ cdef int _fill_params(params_t *p, dict d) except -1:
     p.ept_accessed_dirty = d["ept_accessed_dirty"]
     p.eptp_level = d["eptp_level"]
     p.root_mmu_smm = d["root_mmu_smm"]
+    _precompute(p)
     return 0
+
+
+cdef void _precompute(params_t *p) noexcept nogil:
+    # Each TDP table slot is a bitwise function of its old value (written,
+    # kept, or with the SME mask cleared), so running the builder over an
+    # all-zeros and an all-ones context gives it exactly as
+    # new = (old & keep) | set, with set = result on zeros and
+    # keep = result on ones and not on zeros.
+    cdef int level, j
+    cdef uint64_t ones[10]
+    cdef uint64_t bad
+    for level in range(6):
+        memset(p.sz_tdp[level], 0, sizeof(p.sz_tdp[level]))
+        shadow_zero_tdp_compute(p.sz_tdp[level], &p.sz_tdp_bad, p, level)
+        for j in range(10):
+            ones[j] = ~(<uint64_t>0)
+        shadow_zero_tdp_compute(ones, &bad, p, level)
+        for j in range(10):
+            p.sz_tdp_keep[level][j] = ones[j] & ~p.sz_tdp[level][j]
+    memset(p.sz_ept, 0, sizeof(p.sz_ept))
+    reset_rsvds_ept(p.sz_ept, &p.sz_ept_bad, p.reserved_hpa_bits, p.ept_execonly,
+                    p.max_huge_page_level)
+
+
+cdef class Params:
+    """Batch-constant parameters, packed once (host, EPT config, flavor, version, variant)."""
+    cdef params_t p
+
+    def __init__(self, dict d):
+        _fill_params(&self.p, d)
 
 
 def layout():
@@ -614,28 +686,69 @@ def max_threads():
     return kvmmu_max_threads()
 
 
-def init_mmu(const uint8_t[::1] guests, uint8_t[::1] out, Py_ssize_t n, dict params,
-             const uint8_t[::1] uses_nx, int threads, Py_ssize_t parallel_min):
-    """Fresh-context init for each of n guest records into n context records."""
-    cdef params_t p
+cdef inline void init_fresh(context_t *dst, const guest_t *g, const params_t *p,
+                            int uses_nx_arg, int stream) noexcept nogil:
+    # a fresh (zeroed) context, built on the stack and then written out once
+    cdef context_t tmp
+    memset(&tmp, 0, sizeof(context_t))
+    init_one(&tmp, g, p, 1, uses_nx_arg)
+    if stream:
+        kvmmu_stream_copy(dst, &tmp, sizeof(context_t))
+    else:
+        memcpy(dst, &tmp, sizeof(context_t))
+
+
+cdef const params_t *_params_ptr(object params, params_t *scratch) except NULL:
+    if isinstance(params, Params):
+        return &(<Params>params).p
+    _fill_params(scratch, params)
+    return scratch
+
+
+cdef enum:
+    BLOCK = 4096             # records per OpenMP work item
+    STREAM_MIN_BYTES = 8 << 20   # larger outputs are written with non-temporal stores
+
+
+def init_mmu(cnp.ndarray guests, cnp.ndarray out, Py_ssize_t n, object params,
+             object uses_nx, int threads, Py_ssize_t parallel_min):
+    """Fresh-context init for each of n guest records into n context records.
+
+    guests and out must be C-contiguous GUEST_DTYPE / CONTEXT_DTYPE arrays of
+    n records (checked by kvmmu.engine); uses_nx is None or n uint8 values.
+    """
+    cdef params_t scratch
+    cdef const params_t *p
     cdef Py_ssize_t i
     cdef const guest_t *g
     cdef context_t *c
-    cdef int has_nx = uses_nx.shape[0] > 0
+    cdef const uint8_t *nxa = NULL
+    cdef int stream
+    cdef Py_ssize_t b, nblocks
     if n == 0:
         return
-    _fill_params(&p, params)
-    g = <const guest_t *>&guests[0]
-    c = <context_t *>&out[0]
+    p = _params_ptr(params, &scratch)
+    if uses_nx is not None:
+        nxa = <const uint8_t *>cnp.PyArray_DATA(<cnp.ndarray>uses_nx)
+    g = <const guest_t *>cnp.PyArray_DATA(guests)
+    c = <context_t *>cnp.PyArray_DATA(out)
+    stream = n * <Py_ssize_t>sizeof(context_t) >= STREAM_MIN_BYTES
+    nblocks = (n + BLOCK - 1) // BLOCK
     if threads > 1 and n >= parallel_min and KVMMU_OPENMP:
-        for i in prange(n, nogil=True, num_threads=threads, schedule="static"):
-            memset(&c[i], 0, sizeof(context_t))
-            init_one(&c[i], &g[i], &p, 1, uses_nx[i] if has_nx else 0)
+        for b in prange(nblocks, nogil=True, num_threads=threads, schedule="dynamic"):
+            init_block(c, g, p, nxa, b * BLOCK, min(n, (b + 1) * BLOCK), stream)
     else:
         with nogil:
-            for i in range(n):
-                memset(&c[i], 0, sizeof(context_t))
-                init_one(&c[i], &g[i], &p, 1, uses_nx[i] if has_nx else 0)
+            init_block(c, g, p, nxa, 0, n, stream)
+
+
+cdef void init_block(context_t *c, const guest_t *g, const params_t *p, const uint8_t *nxa,
+                     Py_ssize_t start, Py_ssize_t end, int stream) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(start, end):
+        init_fresh(&c[i], &g[i], p, nxa[i] if nxa != NULL else 0, stream)
+    if stream:
+        kvmmu_sfence()   # order this thread's non-temporal stores before returning
 
 
 def replay(const uint8_t[::1] guests, uint8_t[::1] out, Py_ssize_t n, dict params,

@@ -58,6 +58,8 @@ def as_guest_records(guests: Any, name: str = "guests") -> np.ndarray:
     Field order or padding may differ (it is repacked); names and field types
     must match exactly, in native byte order. The input is never modified.
     """
+    if type(guests) is np.ndarray and guests.dtype == GUEST_DTYPE and guests.flags.c_contiguous:
+        return guests
     if not isinstance(guests, np.ndarray):
         raise TypeError(f"{name} must be a numpy array of kvmmu.GUEST_DTYPE "
                         f"(build one with kvmmu.guests()), got {type(guests).__name__}")
@@ -104,9 +106,13 @@ def _prepare_out(out: Optional[np.ndarray], shape: Tuple[int, ...]) -> np.ndarra
     return out
 
 
+_DEFAULT_HOST = HostConfig()
+_DEFAULT_EPT = EptConfig()
+
+
 def _as_host(host: Any) -> HostConfig:
     if host is None:
-        return HostConfig()
+        return _DEFAULT_HOST
     if isinstance(host, HostConfig):
         return host
     if isinstance(host, dict):
@@ -116,7 +122,7 @@ def _as_host(host: Any) -> HostConfig:
 
 def _as_ept(ept: Any) -> EptConfig:
     if ept is None:
-        return EptConfig()
+        return _DEFAULT_EPT
     if isinstance(ept, EptConfig):
         return ept
     if isinstance(ept, dict):
@@ -124,9 +130,31 @@ def _as_ept(ept: Any) -> EptConfig:
     raise TypeError(f"ept must be a kvmmu.EptConfig or None, got {type(ept).__name__}")
 
 
+_FORKED_CHILD = False
+
+
+def _after_fork_in_child() -> None:
+    # libgomp's thread pool does not survive fork(): a child that enters a
+    # parallel region hangs. Children of a process that used OpenMP run serial.
+    global _FORKED_CHILD
+    _FORKED_CHILD = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _threads(threads: Optional[int]) -> int:
+    if _FORKED_CHILD:
+        if threads is not None:
+            _threads_checked(threads)
+        return 1
     if threads is None:
         return _core.max_threads()
+    return _threads_checked(threads)
+
+
+def _threads_checked(threads: Any) -> int:
     if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)):
         raise TypeError(f"threads must be a positive int or None, got {threads!r}")
     if threads < 1:
@@ -171,6 +199,27 @@ def make_params(flavor: str, host: Any, ept: Any, version: str,
 
 
 _EMPTY_U8 = np.zeros(0, dtype=np.uint8)
+
+# Packed core parameters per (flavor, version, variant, host, ept). Keyed on the
+# objects' identities (the configs are frozen); entries hold the objects, so an
+# id cannot be reused while its entry lives.
+_PARAM_CACHE: Dict[tuple, tuple] = {}
+
+
+def _cached_params(flavor: str, host: Any, ept: Any, version: str, variant: Any):
+    key = (flavor, version, variant if isinstance(variant, str) else id(variant), id(host), id(ept))
+    hit = _PARAM_CACHE.get(key)
+    if hit is not None and hit[0] is host and hit[1] is ept and (
+            isinstance(variant, str) or hit[2] is variant):
+        return hit[3]
+    params, h, e, var = make_params(flavor, host, ept, version, variant)
+    entry = (params, _core.Params(params), h, var)
+    if not (isinstance(host, (HostConfig, type(None))) and isinstance(ept, (EptConfig, type(None)))):
+        return entry    # a dict could change under the cache
+    if len(_PARAM_CACHE) > 512:
+        _PARAM_CACHE.clear()
+    _PARAM_CACHE[key] = (host, ept, variant, entry)
+    return entry
 
 
 def compute_roles(recs: np.ndarray, params: Dict[str, int]) -> Tuple[np.ndarray, np.ndarray]:
@@ -228,16 +277,16 @@ def init_mmu(guests: np.ndarray, flavor: str, host: Optional[HostConfig] = None,
     '0xfc0003fffe000'
     """
     recs = as_guest_records(guests)
-    params, h, _, var = make_params(flavor, host, ept, version, variant)
-    if not isinstance(strict, bool):
-        raise TypeError(f"strict must be a bool, got {strict!r}")
-    if strict:
+    params, packed, h, var = _cached_params(flavor, host, ept, version, variant)
+    if strict is not False:
+        if not isinstance(strict, bool):
+            raise TypeError(f"strict must be a bool, got {strict!r}")
         require_architectural(recs, h)
     nthreads = _threads(threads)
     res = _prepare_out(out, recs.shape)
     uses_nx = user_uses_nx(var, recs, params, h, flavor, version)
-    _core.init_mmu(_guest_bytes(recs), res.reshape(-1).view(np.uint8), recs.size, params,
-                   uses_nx, nthreads, PARALLEL_MIN)
+    _core.init_mmu(recs, res, recs.size, packed, uses_nx if uses_nx.size else None,
+                   nthreads, PARALLEL_MIN)
     return res
 
 

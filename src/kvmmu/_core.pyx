@@ -39,9 +39,19 @@ cdef extern from *:
     /* Non-temporal 8-byte stores: a large output is written once and not read
        back soon, so skipping the read-for-ownership halves its memory traffic. */
     static inline void kvmmu_stream_copy(void *dst, const void *src, size_t n) {
-        long long *d = (long long *)dst; const long long *s = (const long long *)src;
-        size_t i;
-        for (i = 0; i < n / 8; i++) _mm_stream_si64(d + i, s[i]);
+        /* dst is 8-byte aligned and n a multiple of 8: one 8-byte store to
+           reach 16-byte alignment if needed, then 16-byte stores. */
+        char *d = (char *)dst; const char *s = (const char *)src;
+        if (((size_t)d & 15) && n >= 8) {
+            _mm_stream_si64((long long *)d, *(const long long *)s);
+            d += 8; s += 8; n -= 8;
+        }
+        while (n >= 16) {
+            _mm_stream_si128((__m128i *)d, _mm_loadu_si128((const __m128i *)s));
+            d += 16; s += 16; n -= 16;
+        }
+        if (n >= 8)
+            _mm_stream_si64((long long *)d, *(const long long *)s);
     }
     static inline void kvmmu_sfence(void) { _mm_sfence(); }
     #else

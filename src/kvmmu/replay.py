@@ -27,7 +27,7 @@ def _step_array(name: str, value: Any, n: int, kind: str) -> np.ndarray:
 class ReplayResult:
     """What a replay did: the context after each step and whether the guard let the body run."""
 
-    def __init__(self, contexts: np.ndarray, recomputed: np.ndarray, vcpu: np.ndarray,
+    def __init__(self, contexts: Optional[np.ndarray], recomputed: np.ndarray, vcpu: np.ndarray,
                  vcpu_ids: np.ndarray, final: np.ndarray, policy: str, flavor: str,
                  version: str, variant: str):
         self.contexts = contexts
@@ -80,14 +80,11 @@ class ReplayResult:
         """One row per step (pandas is an optional dependency)."""
         import pandas as pd
 
-        return pd.DataFrame({
-            "vcpu": self.vcpu,
-            "recomputed": self.recomputed,
-            "role": self.contexts["role"],
-            "root_role": self.contexts["root_role"],
-            "root_level": self.contexts["root_level"],
-            "shadow_root_level": self.contexts["shadow_root_level"],
-        })
+        cols = {"vcpu": self.vcpu, "recomputed": self.recomputed}
+        if self.contexts is not None:
+            for f in ("role", "root_role", "root_level", "shadow_root_level"):
+                cols[f] = self.contexts[f]
+        return pd.DataFrame(cols)
 
     def __repr__(self) -> str:
         return (f"ReplayResult(inits={self.inits}, recomputes={self.recomputes}, "
@@ -98,7 +95,7 @@ def replay(guests: np.ndarray, flavor: str, host: Optional[HostConfig] = None,
            ept: Optional[EptConfig] = None, version: str = "v5.17",
            variant: Union[str, Variant] = "v517", policy: str = "skip_if_same_role",
            initial: Optional[np.ndarray] = None, invalidate: Any = None, vcpu: Any = None,
-           out: Optional[np.ndarray] = None) -> ReplayResult:
+           out: Optional[np.ndarray] = None, contexts: bool = True) -> ReplayResult:
     """Replay states, in order, through persistent contexts with KVM's role guard.
 
     Each record is one context init as a vCPU lives through time. Under the
@@ -108,6 +105,9 @@ def replay(guests: np.ndarray, flavor: str, host: Optional[HostConfig] = None,
     step. ``invalidate[i]`` marks a CPUID update before step i
     (kvm_mmu_after_set_cpuid); ``vcpu[i]`` picks which vCPU's context step i
     uses; ``initial`` is the context every vCPU starts from (default: zero).
+    ``contexts=False`` skips recording the context after every step (the
+    result then has ``contexts=None``; ``final`` and ``recomputed`` remain),
+    which is what a measurement of the guard's skip path wants.
 
     >>> import kvmmu
     >>> g = kvmmu.guests(cr0=[0x80050033, 0x80050033, 0x80040033], cr4=0x20, efer=0xd01)
@@ -142,11 +142,15 @@ def replay(guests: np.ndarray, flavor: str, host: Optional[HostConfig] = None,
         if init.size not in (1, nslots):
             raise ValueError(f"initial must hold 1 context or one per vCPU ({nslots}), got {init.size}")
         states[:] = init.reshape(-1)
-    res = _prepare_out(out, (n,))
+    if not isinstance(contexts, bool):
+        raise TypeError(f"contexts must be a bool, got {contexts!r}")
+    if not contexts and out is not None:
+        raise ValueError("out= needs contexts=True")
+    res = _prepare_out(out, (n,)) if contexts else np.zeros(0, dtype=CONTEXT_DTYPE)
     recomputed = np.zeros(n, dtype=np.uint8)
     uses_nx = user_uses_nx(var, recs, params, h, flavor, version)
     _core.replay(_guest_bytes(recs), res.view(np.uint8).reshape(-1), n, params, uses_nx,
                  int(policy == "force"), inv, slot, states.view(np.uint8).reshape(-1), nslots,
                  recomputed)
-    return ReplayResult(res, recomputed.view(bool), vcpu_arr, vcpu_ids, states, policy, flavor,
-                        version, var.name)
+    return ReplayResult(res if contexts else None, recomputed.view(bool), vcpu_arr, vcpu_ids,
+                        states, policy, flavor, version, var.name)

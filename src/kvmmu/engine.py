@@ -20,8 +20,9 @@ from .variants import BUILTIN_VARIANTS, Variant, resolve_variant
 from .arch import require_architectural
 
 _BOOL_FIELDS = ("guest_amd", "guest_gbpages", "smm", "guest_mode")
-#: Batches at least this long are split across OpenMP threads.
-PARALLEL_MIN = 16384
+#: Batches at least this long are split across OpenMP threads: below it the
+#: fork/join and the barrier cost more than they save, badly so on a busy machine.
+PARALLEL_MIN = 1 << 17
 
 
 def _check_layout() -> None:

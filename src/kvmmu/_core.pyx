@@ -42,16 +42,23 @@ cdef extern from *:
         /* dst is 8-byte aligned and n a multiple of 8: one 8-byte store to
            reach 16-byte alignment if needed, then 16-byte stores. */
         char *d = (char *)dst; const char *s = (const char *)src;
+        long long v;
+        /* 8-byte loads through memcpy: reading the context's u64 fields as
+           long long directly would break strict aliasing and let the compiler
+           hoist the load above the stores that fill them. */
         if (((size_t)d & 15) && n >= 8) {
-            _mm_stream_si64((long long *)d, *(const long long *)s);
+            memcpy(&v, s, 8);
+            _mm_stream_si64((long long *)d, v);
             d += 8; s += 8; n -= 8;
         }
         while (n >= 16) {
             _mm_stream_si128((__m128i *)d, _mm_loadu_si128((const __m128i *)s));
             d += 16; s += 16; n -= 16;
         }
-        if (n >= 8)
-            _mm_stream_si64((long long *)d, *(const long long *)s);
+        if (n >= 8) {
+            memcpy(&v, s, 8);
+            _mm_stream_si64((long long *)d, v);
+        }
     }
     static inline void kvmmu_sfence(void) { _mm_sfence(); }
     #else

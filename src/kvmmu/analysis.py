@@ -57,6 +57,15 @@ def _fmt(value: Any) -> Any:
     return [_fmt(x) for x in a]
 
 
+def rows_differ(a: np.ndarray, b: np.ndarray, fields: Sequence[str] = None) -> np.ndarray:
+    """Per record: does any of ``fields`` (default: all) differ? One pass over the raw words."""
+    n = a.shape[0]
+    wm = _word_mask(fields if fields is not None else CONTEXT_FIELDS)
+    x = np.ascontiguousarray(a).view(np.uint64).reshape(n, -1)
+    y = np.ascontiguousarray(b).view(np.uint64).reshape(n, -1)
+    return (((x ^ y) & wm) != 0).any(axis=1)
+
+
 def field_mismatch(a: np.ndarray, b: np.ndarray, name: str) -> np.ndarray:
     """Per record: does field ``name`` differ between two CONTEXT_DTYPE arrays?"""
     x, y = a[name], b[name]
@@ -104,13 +113,14 @@ class CompareResult:
     def add(self, recs: np.ndarray, ca: np.ndarray, cb: np.ndarray, offset: int,
             max_examples: int, fields: Sequence[str] = CONTEXT_FIELDS) -> None:
         n = recs.shape[0]
-        any_diff = np.zeros(n, dtype=bool)
-        per = {}
-        for f in fields:
-            m = field_mismatch(ca, cb, f)
-            per[f] = m
-            self.counts[f] += int(np.count_nonzero(m))
-            any_diff |= m
+        any_diff = rows_differ(ca, cb, fields)
+        per = {f: np.zeros(n, dtype=bool) for f in fields}
+        sel = np.flatnonzero(any_diff)
+        if sel.size:
+            for f in fields:
+                m = field_mismatch(ca[sel], cb[sel], f)
+                per[f][sel] = m
+                self.counts[f] += int(np.count_nonzero(m))
         self.n += n
         self.differing += int(np.count_nonzero(any_diff))
         for i in np.flatnonzero(any_diff)[: max(0, max_examples - len(self.examples))]:
@@ -790,12 +800,13 @@ def sweep(flavors: Sequence[str] = FLAVORS, versions: Sequence[str] = ("v5.17",)
                         cv = init_mmu(chunk, flavor, h, ept_for_cmp, version=version, variant=v)
                         inits += chunk.shape[0]
                         per = cell.variant_fields.setdefault(v.name, {})
-                        anyd = np.zeros(chunk.shape[0], bool)
-                        for f in CONTEXT_FIELDS:
-                            m = field_mismatch(cb, cv, f)
-                            if m.any():
-                                per[f] = per.get(f, 0) + int(np.count_nonzero(m))
-                            anyd |= m
+                        anyd = rows_differ(cb, cv)
+                        if anyd.any():
+                            sel = np.flatnonzero(anyd)
+                            for f in CONTEXT_FIELDS:
+                                m = field_mismatch(cb[sel], cv[sel], f)
+                                if m.any():
+                                    per[f] = per.get(f, 0) + int(np.count_nonzero(m))
                         cell.variant_mismatch[v.name] = cell.variant_mismatch.get(v.name, 0) + \
                             int(np.count_nonzero(anyd))
             for v in vs if check_guard else ():

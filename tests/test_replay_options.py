@@ -30,3 +30,16 @@ def test_contexts_false_rejects_out():
         kvmmu.replay(g, "tdp", contexts=False, out=np.empty(2, kvmmu.CONTEXT_DTYPE))
     with pytest.raises(TypeError, match="contexts must be a bool"):
         kvmmu.replay(g, "tdp", contexts=1)
+
+
+def test_builtin_variants_survive_pickling():
+    import pickle
+
+    from kvmmu.variants import BUILTIN_VARIANTS
+
+    for name, v in BUILTIN_VARIANTS.items():
+        assert pickle.loads(pickle.dumps(v)) is v
+    g = kvmmu.guests(cr0=0x80050033, cr4=0x20, efer=0xd01)
+    same = pickle.loads(pickle.dumps(BUILTIN_VARIANTS["v517"]))
+    assert np.array_equal(kvmmu.init_mmu(g, "shadow", version="v6.16", variant=same)["role"],
+                          kvmmu.init_mmu(g, "shadow", version="v6.16")["role"])

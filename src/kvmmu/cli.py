@@ -16,6 +16,7 @@ Conventions shared by every command:
 from __future__ import annotations
 
 import argparse
+import functools
 import io as _stdio
 import json
 import os
@@ -849,6 +850,7 @@ examples:
   kvmmu sweep --variant patch01 --variant final --no-guard --fail-on-diff
   kvmmu sweep --flavor shadow_npt --version v5.17 --version v6.16 --json
   kvmmu sweep                       # everything under v5.17 (about half a minute)
+  kvmmu sweep --scheduler threads --chunk-size 16384   # chunks as Dask tasks
 
 Without options: kvmmu.sweep() - every flavor under v5.17, the four variants
 compared with v517 on three hosts (intel_ept, amd_npt, shadow), and the role
@@ -932,10 +934,18 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     mpa = _flatten(args.maxphyaddr) or list(DEFAULT_MAXPHYADDRS)
     host_names = _flatten(args.host)
     hosts = {k: DEFAULT_HOSTS[k] for k in host_names} if host_names else None
+    if args.chunk_size < 1:
+        raise UsageError("--chunk-size must be positive")
+    if args.scheduler:
+        try:
+            from . import dask as kdask
+        except ImportError as exc:
+            raise UsageError(f"--scheduler needs the dask extra (pip install 'kvmmu[dask]'): {exc}")
+        sweep = functools.partial(kdask.sweep, scheduler=args.scheduler)
     with Progress("sweep", len(flavors) * len(versions)) as prog:
         res = sweep(flavors=flavors, versions=versions, variants=variants, hosts=hosts,
                     maxphyaddrs=mpa, reachable_only=not args.raw, compare_variants=not args.no_compare,
-                    check_guard=not args.no_guard, progress=prog)
+                    check_guard=not args.no_guard, progress=prog, chunk_size=args.chunk_size)
     verdict = sweep_verdict(res)
     status = 1 if (args.fail_on_diff and verdict["differs"]) else 0
     if args.json:
@@ -1426,6 +1436,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fail-on-diff", action="store_true",
                    help="exit 1 on a variant mismatch in a configuration the kernel builds, "
                         "or any stale role group")
+    p.add_argument("--scheduler", metavar="threads|processes|ADDRESS",
+                   help="run the sweep's chunks as Dask tasks (needs the dask extra): a local "
+                        "scheduler name or a distributed scheduler address (tcp://host:8786)")
+    p.add_argument("--chunk-size", type=int, default=1 << 16, metavar="N",
+                   help="states per chunk (default 65536)")
     p.set_defaults(func=cmd_sweep, _parser=p)
 
     # compare

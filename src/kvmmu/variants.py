@@ -48,6 +48,12 @@ class Variant:
         if not isinstance(self.inside_guard, bool):
             raise TypeError(f"Variant {self.name!r}: inside_guard must be a bool")
 
+    def __reduce__(self):
+        # built-ins unpickle to the very same objects (engine checks identity)
+        if BUILTIN_VARIANTS.get(self.name) is self:
+            return (resolve_variant, (self.name,))
+        return (Variant, (self.name, self.uses_nx, self.inside_guard, self.native_rule))
+
 
 def _efer_nx(rf: Dict[str, np.ndarray]) -> np.ndarray:
     return rf["efer_nx"].astype(bool)

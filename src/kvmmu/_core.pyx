@@ -400,6 +400,32 @@ cdef inline int v517_uses_nx(const params_t *p, uint64_t role, int uses_nx_arg) 
     return uses_nx_arg
 
 
+cdef int init_shadow_ept(context_t *c, const guest_t *g, const params_t *p, int force,
+                         int smm, int write_root_role) noexcept nogil:
+    # kvm_calc_shadow_ept_root_page_role() + kvm_init_shadow_ept_mmu(): no
+    # CR/EFER input at all; the role is the EPT walk's shape.
+    cdef uint64_t base = (<uint64_t>p.eptp_level
+                          | (<uint64_t>(not p.ept_accessed_dirty) << B_AD_DISABLED)
+                          | (<uint64_t>1 << B_GUEST_MODE) | (<uint64_t>7 << B_ACCESS)
+                          | (<uint64_t>smm << B_SMM))
+    cdef uint64_t role = base | ((<uint64_t>1 | (<uint64_t>(p.ept_execonly != 0) << 1)) << EXT)
+    if not force and role == c.role:
+        return 0
+    c.role = role
+    if write_root_role:
+        c.root_role = <uint32_t>base        # v6: root_role.word = cpu_role.base.word
+    c.root_level = p.eptp_level
+    c.shadow_root_level = p.eptp_level
+    memcpy(c.permissions, PERM_EPT, 16)
+    c.pkru_mask = 0
+    reset_rsvds_ept(&c.guest_rsvd[0][0], &c.guest_bad_mt_xwr, rsvd_bits(g.maxphyaddr, 63),
+                    p.ept_execonly, p.ept_huge_page_level)
+    # reset_ept_shadow_zero_bits_mask(): the host's huge page level
+    memcpy(c.shadow_zero, p.sz_ept, sizeof(p.sz_ept))
+    c.shadow_bad_mt_xwr = p.sz_ept_bad
+    return 1
+
+
 cdef int init_v517(context_t *c, const guest_t *g, const params_t *p,
                    int force, int uses_nx_arg) noexcept nogil:
     cdef uint64_t cr0 = g.cr0, cr4 = g.cr4, efer = g.efer
@@ -424,26 +450,10 @@ cdef int init_v517(context_t *c, const guest_t *g, const params_t *p,
         glevel = 2
 
     if fl == FL_SHADOW_EPT:
-        # kvm_calc_shadow_ept_root_page_role(): no CR/EFER input at all;
-        # smm is copied from root_mmu's current role.
+        # v5.17 copies smm from root_mmu's current role
         if p.root_mmu_smm >= 0:
             smm = p.root_mmu_smm
-        base = (<uint64_t>p.eptp_level | (<uint64_t>(not p.ept_accessed_dirty) << B_AD_DISABLED)
-                | (<uint64_t>1 << B_GUEST_MODE) | (<uint64_t>7 << B_ACCESS) | (<uint64_t>smm << B_SMM))
-        role = base | ((<uint64_t>1 | (<uint64_t>(p.ept_execonly != 0) << 1)) << EXT)
-        if not force and role == c.role:
-            return 0
-        c.role = role
-        c.shadow_root_level = p.eptp_level
-        c.root_level = p.eptp_level
-        memcpy(c.permissions, PERM_EPT, 16)
-        c.pkru_mask = 0
-        reset_rsvds_ept(&c.guest_rsvd[0][0], &c.guest_bad_mt_xwr, rsvd_bits(g.maxphyaddr, 63),
-                        p.ept_execonly, p.ept_huge_page_level)
-        # reset_ept_shadow_zero_bits_mask(): the host's huge page level
-        memcpy(c.shadow_zero, p.sz_ept, sizeof(p.sz_ept))
-        c.shadow_bad_mt_xwr = p.sz_ept_bad
-        return 1
+        return init_shadow_ept(c, g, p, force, smm, 0)
 
     if fl == FL_SHADOW_NPT:
         pke = 0          # kvm_init_shadow_npt_mmu() drops CR4.PKE
@@ -516,23 +526,7 @@ cdef int init_v616(context_t *c, const guest_t *g, const params_t *p, int force)
     cdef uint32_t root_role = 0
 
     if fl == FL_SHADOW_EPT:
-        # kvm_calc_shadow_ept_root_page_role(): smm is always 0 here
-        base = (<uint64_t>p.eptp_level | (<uint64_t>(not p.ept_accessed_dirty) << B_AD_DISABLED)
-                | (<uint64_t>1 << B_GUEST_MODE) | (<uint64_t>7 << B_ACCESS))
-        cpu_role = base | ((<uint64_t>1 | (<uint64_t>(p.ept_execonly != 0) << 1)) << EXT)
-        if not force and cpu_role == c.role:
-            return 0
-        c.role = cpu_role
-        c.root_role = <uint32_t>base
-        c.root_level = p.eptp_level
-        c.shadow_root_level = p.eptp_level
-        memcpy(c.permissions, PERM_EPT, 16)
-        c.pkru_mask = 0
-        reset_rsvds_ept(&c.guest_rsvd[0][0], &c.guest_bad_mt_xwr, rsvd_bits(g.maxphyaddr, 63),
-                        p.ept_execonly, p.ept_huge_page_level)
-        memcpy(c.shadow_zero, p.sz_ept, sizeof(p.sz_ept))
-        c.shadow_bad_mt_xwr = p.sz_ept_bad
-        return 1
+        return init_shadow_ept(c, g, p, force, 0, 1)   # v6: smm is always 0 here
 
     if fl == FL_SHADOW_NPT:
         pke = 0          # kvm_init_shadow_npt_mmu() drops CR4.PKE

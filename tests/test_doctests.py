@@ -6,7 +6,7 @@ import pytest
 
 MODULES = ["kvmmu", "kvmmu._types", "kvmmu.roles", "kvmmu.engine", "kvmmu.variants",
            "kvmmu.arch", "kvmmu.replay", "kvmmu.workloads", "kvmmu.analysis",
-           "kvmmu.traces"]
+           "kvmmu.traces", "kvmmu.access", "kvmmu.accessc"]
 
 
 @pytest.mark.parametrize("name", MODULES)

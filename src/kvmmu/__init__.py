@@ -83,3 +83,8 @@ from .analysis import (
 
 __all__ += ["DEFAULT_HOSTS", "CompareResult", "StaleGroup", "StaleReport", "SweepResult", "compare",
             "enumerate_states", "find_stale_roles", "guard_key", "state_space_size", "sweep"]
+
+from .access import ACCESS_DTYPE, ACCESS_RESULT_DTYPE, access_verdicts
+from . import accessc
+
+__all__ += ["ACCESS_DTYPE", "ACCESS_RESULT_DTYPE", "access_verdicts", "accessc"]

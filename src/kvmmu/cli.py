@@ -1498,6 +1498,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flavor", choices=FLAVORS, default="tdp", help="flavor (default tdp)")
     p.add_argument("--version", choices=VERSIONS, default="v5.17", help="version (default v5.17)")
     p.set_defaults(func=cmd_bench, _parser=p)
+
+    # access, accessc: KVM's guest walk and permission_fault (kvmmu.access_cli)
+    from .access_cli import add_parsers as add_access_parsers
+    add_access_parsers(sub)
     return parser
 
 
@@ -1511,7 +1515,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help(sys.stderr)
         return 2
-    sub = args._parser
+    sub = getattr(args, "_parser", None) or parser
     try:
         return args.func(args)
     except KeyboardInterrupt:

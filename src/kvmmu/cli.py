@@ -850,7 +850,7 @@ examples:
   kvmmu sweep --variant patch01 --variant final --no-guard --fail-on-diff
   kvmmu sweep --flavor shadow_npt --version v5.17 --version v6.16 --json
   kvmmu sweep                       # everything under v5.17 (about half a minute)
-  kvmmu sweep --scheduler threads --chunk-size 16384   # chunks as Dask tasks
+  kvmmu sweep --scheduler threads --chunk-size 16384   # Dask tasks (about half a minute)
 
 Without options: kvmmu.sweep() - every flavor under v5.17, the four variants
 compared with v517 on three hosts (intel_ept, amd_npt, shadow), and the role

@@ -375,7 +375,8 @@ class StaleReport:
                     code, radix = _rank(code)
                 code = code * r + v
                 radix *= r
-            code, radix = _rank(code)
+            if radix * n_out >= 1 << 62:
+                code, radix = _rank(code)
             # states that differ in nothing but h, under one guard key, needing different outputs
             pair, _ = _sorted_unique(code * n_out + out_id)
             subs, cnt = _sorted_unique(pair // n_out)
@@ -391,18 +392,19 @@ class StaleReport:
             bucket |= keys
             ex = self.examples.setdefault(h, [])
             if len(ex) < self.max_examples and new_keys:
-                order = np.argsort(code, kind="stable")
-                sorted_code = code[order]
-                starts = np.searchsorted(sorted_code, stale_subs)
-                ends = np.searchsorted(sorted_code, stale_subs, side="right")
-                for a_, b_ in zip(starts, ends):
+                # the first stale subgroup (in code order) of each not-yet-exemplified key
+                rs = np.flatnonzero(stale_rows)
+                rs = rs[np.argsort(code[rs], kind="stable")]
+                first = np.unique(key_id[rs], return_index=True)[1]
+                for pos in np.sort(first):
                     if len(ex) >= self.max_examples:
                         break
-                    rows = order[a_:b_]
-                    r0 = rows[0]
-                    key = (int(k1[r0]), int(k2[r0]))
+                    r = rs[pos]
+                    key = (int(k1[r]), int(k2[r]))
                     if key not in new_keys or any((g.role, g.root_role) == key for g in ex):
                         continue
+                    rows = np.flatnonzero(code == code[r])
+                    r0 = rows[0]
                     r1 = rows[np.flatnonzero(out_id[rows] != out_id[r0])[0]]
                     ex.append(self._group(key, h, allctx, recs, n, r0, r1, hidx, eidx, fields))
         # overall: distinct (key, outputs) rows, merged across chunks

@@ -334,16 +334,13 @@ def section_findings(rs: List[dict], sweep: Optional[dict], machine_infos: List[
                                          "byte_views", "prepare_out") if o.get(k)]
         out.append(
             f"- **One-state call**: `init_mmu` on one state takes {fmt_s(tot)}, of which the "
-            f"compiled call (`_core.init_mmu`: params dict → C struct, four buffer acquisitions, "
-            f"one init) is {fmt_s(core)} ({100 * core / tot:.0f} %). The rest is Python-side "
-            "set-up: " + ", ".join(f"{k} {fmt_s(v)}" for k, v in parts)
-            + ". `make_params` builds a fresh `EptConfig()` (and, with `host=None`, a "
-            "`HostConfig()`) on every call, each a validating frozen dataclass; "
-            "`as_guest_records` checks the eight fields one by one before its fast path. "
-            "Caching the parameter block per (flavor, host, ept, version, variant) — the "
-            "configs are frozen and hashable — module-level default configs, testing "
-            "`dtype == GUEST_DTYPE and c_contiguous` first, and passing a packed params "
-            "record instead of a 19-key dict would bring the call near the 3 µs target.")
+            f"compiled call (`_core.init_mmu` with a dict of parameters, memoryviews) is "
+            f"{fmt_s(core)} ({100 * core / tot:.0f} %). `init_mmu` itself no longer pays most "
+            "of the parts timed here: its parameter block is packed once per (flavor, host, "
+            "ept, version, variant) objects and cached, the default configs are module-level, "
+            "exact GUEST_DTYPE input takes a fast path, and the core reads the arrays' data "
+            "pointers instead of building memoryviews. Parts as timed on their own: "
+            + ", ".join(f"{k} {fmt_s(v)}" for k, v in parts) + ".")
     mix = pick(rs, kind="batch_mix")
     if mix:
         for fl in ("tdp", "shadow"):
@@ -369,11 +366,11 @@ def section_findings(rs: List[dict], sweep: Optional[dict], machine_infos: List[
     if core and full:
         out.append(
             f"- **Full context vs guest table**: {fmt_ns(full)} vs {fmt_ns(core)} ns/state. Beyond "
-            "the guest table, each state gets a 216-byte `memset`, the role, permissions and "
-            "pkru, and a shadow-zero table. For `tdp` and `shadow_ept` the shadow-zero table "
-            "depends only on the batch-constant host parameters and the root level, so it "
-            "could be computed once per batch (≤ 5 levels) and copied instead of rebuilt per "
-            "state.")
+            "the guest table, each state gets the role words, permissions and pkru, a "
+            "shadow-zero table (for `tdp` and `shadow_ept` built once per batch and applied), "
+            "and its 216 bytes are built on the stack and written out (with non-temporal "
+            "stores above 8 MiB of output). Writing 216 B/state is a large part of the "
+            "difference: the table kernel writes 80.")
     th = pick(rs, kind="threads")
     if th:
         big = max(r["n"] for r in th)
@@ -387,10 +384,8 @@ def section_findings(rs: List[dict], sweep: Optional[dict], machine_infos: List[
                     "the code." if loads and max(loads) > 1.5 else "")
             out.append(
                 f"- **Threads**: tdp v5.17 at N={size_label(big)}: {a / b:.2f}× with 2 threads."
-                + busy + " The loop is `prange(schedule=\"static\")`: each thread gets a fixed "
-                "half of the batch, so the call waits for whichever thread is descheduled. "
-                "`schedule=\"guided\"` (or dynamic chunks of a few thousand states) lets the "
-                "thread that has a CPU take over the rest; measure again on an idle machine.")
+                + busy + " The loop hands out blocks of 4,096 states dynamically, and only "
+                "batches of `engine.PARALLEL_MIN` (131,072) states or more use threads.")
     cf = ns(one(rs, kind="replay_copy_floor"))
     cs = one(rs, kind="replay", workload="context_switch", policy="skip_if_same_role")
     fl = one(rs, kind="replay_floor", workload="context_switch")
@@ -400,9 +395,8 @@ def section_findings(rs: List[dict], sweep: Optional[dict], machine_infos: List[
             f"the bare compare loop. Writing the step's 216-byte context into `out` alone costs "
             f"{fmt_ns(cf)} ns/step; the rest is computing the role (the guard needs it) and the "
             "per-step bookkeeping. The bare loop compares precomputed roles, so it is a floor "
-            "no guard can reach; a `replay(..., out=None)`/roles-only mode (record "
-            "`recomputed`, the role words and the final contexts, not every step's context) "
-            "would remove the copy.")
+            "no guard can reach; `replay(..., contexts=False)` (not timed here) drops the "
+            "per-step copy.")
     pub = ns(one(rs, impl="kvmmu_public_table", n=max(sizes_of(rs, impl="kvmmu_public_table") or [0])))
     if pub and core:
         out.append(
@@ -429,18 +423,16 @@ def section_findings(rs: List[dict], sweep: Optional[dict], machine_infos: List[
         out.append(
             "- **Sweep**:" + per + " `kvmmu.sweep()` runs `init_mmu` for every variant × host × guard host "
             "(and EPT config) per chunk; in a profile of a one-flavor sweep most of the time is "
-            "the guard analysis (`StaleReport.add`: `np.unique`/`argsort` over output rows), "
-            "not the inits. Hashing each context's output fields to one uint64 before grouping, "
-            "reusing the `v517` contexts already computed for the variant comparison in "
-            "the guard check, and reusing preallocated `out=` buffers across chunks, are the first "
-            "things to try.")
+            "the guard analysis (`StaleReport.add`: one sort-based grouping per hidden input "
+            "over every (state, host) row; the contexts' outputs are already hashed to one "
+            "uint64 in the core), not the inits: `kvmmu.sweep(check_guard=False)` takes about "
+            "1.1 s. Grouping per hidden input in the core (one hash table pass instead of "
+            "`np.unique`/`argsort`), and reusing the `v517` contexts of the variant comparison "
+            "in the guard check, are the next things to try.")
     out.append(
-        "- **fork after OpenMP**: once a process has run an OpenMP batch (N ≥ "
-        "`engine.PARALLEL_MIN` with threads > 1), a `fork`ed child (multiprocessing's default "
-        "start method on Linux) hangs in its first threaded `init_mmu` — libgomp is not "
-        "fork-safe. This suite therefore runs the sweep in a fresh interpreter. An "
-        "`os.register_at_fork(after_in_child=...)` hook in `kvmmu.engine` that forces "
-        "`threads=1` in the child would make kvmmu safe under `multiprocessing`.")
+        "- **fork after OpenMP**: libgomp is not fork-safe, so `kvmmu.engine` registers an "
+        "`os.register_at_fork` hook: a child forked from a process that may have used "
+        "OpenMP runs serial. This suite still times the sweep in a fresh interpreter.")
     return "\n".join(out) if out else "_nothing to report_"
 
 

@@ -39,7 +39,7 @@ import itertools
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -49,28 +49,31 @@ import dask
 import dask.array as da
 from dask.delayed import Delayed, delayed
 
-from ._types import CONTEXT_DTYPE, FLAVORS, GUEST_DTYPE, VARIANTS, VERSIONS, EptConfig, HostConfig
+from ._types import CONTEXT_DTYPE, FLAVORS, GUEST_DTYPE, VERSIONS, EptConfig, HostConfig
 from .analysis import (
     CONSULTED,
-    CONTEXT_FIELDS,
-    DEFAULT_HOSTS,
     DEFAULT_MAXPHYADDRS,
-    KERNEL_BUILDS,
     CompareResult,
     StaleReport,
-    SweepCell,
     SweepResult,
-    cached_fields,
     enumerate_states,
-    field_mismatch,
-    guard_key,
-    state_space_size,
+)
+from .analysis import (  # the sweep pieces kvmmu.sweep itself runs, as tasks here
+    SweepPartial,
+    _SweepJob,
+    _add_counts,
+    _sweep_chunk,
+    _sweep_plan,
+    _variant_ref,
+    finish_sweep,
+    merge_stale_reports,
+    merge_sweep_partials,
 )
 from .analysis import compare as _np_compare
 from .analysis import find_stale_roles as _np_find_stale_roles
-from .engine import _as_ept, _as_host, _check_choice, _threads, as_guest_records, make_params
+from .engine import _check_choice, _threads, as_guest_records, make_params
 from .engine import init_mmu as _np_init_mmu
-from .variants import BUILTIN_VARIANTS, Variant, resolve_variant
+from .variants import Variant
 
 __all__ = ["init_mmu", "sweep", "compare", "find_stale_roles", "local_cluster", "sweep_partials",
            "SweepPartial", "merge_sweep_partials", "merge_stale_reports", "merge_compare_results"]
@@ -98,14 +101,6 @@ def _as_dask_guests(guests: Any, chunks: Any, name: str = "guests") -> da.Array:
         return da.from_array(recs, chunks="auto" if chunks is None else chunks)
     raise TypeError(f"{name} must be a dask.array or numpy array of kvmmu.GUEST_DTYPE "
                     f"(build one with kvmmu.guests()), got {type(guests).__name__}")
-
-
-def _variant_ref(variant: Union[str, Variant]) -> Union[str, Variant]:
-    """What a task carries for a variant: a built-in by name, so the worker uses its
-    own object (the engine tells the built-in v517 apart by identity, which
-    pickling would lose), a user Variant as is (cloudpickle carries its function)."""
-    var = resolve_variant(variant)
-    return var.name if BUILTIN_VARIANTS.get(var.name) is var else var
 
 
 def _spec_refs(spec: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
@@ -166,64 +161,6 @@ def init_mmu(guests: Any, flavor: str, host: Optional[HostConfig] = None,
 # ---------------------------------------------------------------------------
 # merging partial results
 
-def merge_stale_reports(*reports: StaleReport) -> StaleReport:
-    """One :class:`kvmmu.StaleReport` for the reports' chunks, in the order given.
-
-    Equal to feeding the same chunks, in the same order, to one report's
-    ``add``: row counts add up, stale key sets and distinct (key, output) rows
-    are unions, and the example groups are the first ``max_examples`` stale
-    keys in chunk order, each with the group that first showed it. No input is
-    modified.
-
-    Why the examples are exact: a report's list is a prefix of its chunks'
-    first-occurrence sequence of stale keys, and is complete when it names
-    every stale key it has. While the list so far is complete, the next
-    report's entries for keys not yet stale follow it; once it is not, it
-    already holds ``max_examples`` entries, which are final.
-    """
-    if not reports:
-        raise ValueError("merge_stale_reports: nothing to merge")
-    first = reports[0]
-    for r in reports[1:]:
-        for attr in ("flavor", "version", "variant", "hidden_inputs", "max_examples"):
-            if getattr(first, attr) != getattr(r, attr):
-                raise ValueError(f"merge_stale_reports: reports differ in {attr}: "
-                                 f"{getattr(first, attr)!r} vs {getattr(r, attr)!r}")
-    if len(reports) == 1:
-        return first
-    out = copy.copy(first)
-    out.rows = sum(r.rows for r in reports)
-    stale: Dict[str, set] = {}
-    examples: Dict[str, list] = {}
-    for r in reports:
-        for h in r.examples:
-            examples.setdefault(h, [])
-        for h, ex in examples.items():
-            seen = stale.get(h, set())
-            if len(ex) == len(seen):  # the list so far names every key stale so far
-                ex.extend(g for g in r.examples.get(h, ()) if (g.role, g.root_role) not in seen)
-                del ex[first.max_examples:]
-        for h, keys in r._stale_by_input.items():
-            stale.setdefault(h, set()).update(keys)
-    out._stale_by_input = stale
-    out.examples = examples
-    out._pairs = _distinct_rows([r._pairs for r in reports])
-    out._roles = _distinct_rows([r._roles for r in reports])
-    return out
-
-
-def _distinct_rows(mats: Sequence[Optional[np.ndarray]]) -> Optional[np.ndarray]:
-    """Distinct rows of the stacked matrices (their order is of no consequence)."""
-    mats = [m for m in mats if m is not None]
-    if not mats:
-        return None
-    if len(mats) == 1:
-        return mats[0]
-    stacked = np.concatenate(mats)
-    distinct = getattr(StaleReport, "_distinct", None)  # the sequential sweep's own (hashing)
-    return distinct(stacked) if distinct is not None else np.unique(stacked, axis=0)
-
-
 def merge_compare_results(*results: CompareResult, max_examples: int) -> CompareResult:
     """The results (example indices already global) in order: sums, first examples."""
     if not results:
@@ -256,13 +193,6 @@ def _tree_reduce(parts: List[Any], merge: Callable, split_every: int, name: str)
         parts = nxt
         level += 1
     return parts[0]
-
-
-def _add_counts(x: Dict[str, int], y: Dict[str, int]) -> Dict[str, int]:
-    out = dict(x)
-    for k, v in y.items():
-        out[k] = out.get(k, 0) + v
-    return out
 
 
 # ---------------------------------------------------------------------------
@@ -363,183 +293,6 @@ def _compute(objs: List[Delayed], scheduler: Scheduler,
 # ---------------------------------------------------------------------------
 # sweep
 
-@dataclass
-class _CellPart:
-    states: int = 0
-    roles: Optional[np.ndarray] = None  # distinct (guard key word 1, word 2) rows
-    variant_mismatch: Dict[str, int] = field(default_factory=dict)
-    variant_fields: Dict[str, Dict[str, int]] = field(default_factory=dict)
-
-
-@dataclass
-class SweepPartial:
-    """What one or more consecutive state chunks of one (version, flavor) give.
-
-    ``cells`` (per host name: states, distinct guard-key rows, per-variant
-    mismatch counts) and ``reports`` (per variant name: a StaleReport over
-    those chunks) merge with :func:`merge_sweep_partials`.
-    """
-
-    version: str
-    flavor: str
-    cells: Dict[str, _CellPart]
-    reports: Dict[str, StaleReport]
-    inits: int = 0
-    chunks: int = 0
-
-
-def merge_sweep_partials(*parts: SweepPartial) -> SweepPartial:
-    """The partials' chunks, in the order given (one version and flavor). No input is modified."""
-    if not parts:
-        raise ValueError("merge_sweep_partials: nothing to merge")
-    first = parts[0]
-    for p in parts[1:]:
-        if (p.version, p.flavor) != (first.version, first.flavor):
-            raise ValueError(f"merge_sweep_partials: {first.version}/{first.flavor} "
-                             f"vs {p.version}/{p.flavor}")
-    if len(parts) == 1:
-        return first
-    cells = {}
-    for name in dict.fromkeys(n for p in parts for n in p.cells):
-        cs = [p.cells[name] for p in parts if name in p.cells]
-        mismatch: Dict[str, int] = {}
-        fields: Dict[str, Dict[str, int]] = {}
-        for c in cs:
-            mismatch = _add_counts(mismatch, c.variant_mismatch)
-            for v, d in c.variant_fields.items():
-                fields[v] = _add_counts(fields.get(v, {}), d)
-        cells[name] = _CellPart(sum(c.states for c in cs), _distinct_rows([c.roles for c in cs]),
-                                mismatch, fields)
-    reports = {v: merge_stale_reports(*[p.reports[v] for p in parts if v in p.reports])
-               for v in dict.fromkeys(v for p in parts for v in p.reports)}
-    return SweepPartial(first.version, first.flavor, cells, reports,
-                        sum(p.inits for p in parts), sum(p.chunks for p in parts))
-
-
-@dataclass(frozen=True)
-class _SweepSpec:
-    hosts: Dict[str, HostConfig]
-    guard_hosts: Tuple[HostConfig, ...]
-    epts: Tuple[EptConfig, ...]
-    compare_variants: bool
-    check_guard: bool
-    threads: Optional[int]
-
-
-class _SweepJob:
-    """Everything a chunk task of one (version, flavor) needs but the chunk itself;
-    one literal in the graph per (version, flavor), shared by its chunk tasks.
-    (A plain class, so Dask passes it as an opaque value.)"""
-
-    __slots__ = ("version", "flavor", "vs", "spec", "templates")
-
-    def __init__(self, version: str, flavor: str, vs: Sequence[Variant], spec: _SweepSpec):
-        self.version, self.flavor, self.spec = version, flavor, spec
-        self.vs = [_variant_ref(v) for v in vs]
-        es = list(spec.epts) if flavor == "shadow_ept" else [spec.epts[0]]
-        # Building a StaleReport works out its hidden inputs (a few ms): once per
-        # (version, flavor, variant) as kvmmu.sweep does, not once per chunk.
-        self.templates = {v.name: StaleReport(flavor, version, v.name, list(spec.guard_hosts), es)
-                          for v in vs} if spec.check_guard else {}
-
-    def __getstate__(self):
-        return {k: getattr(self, k) for k in self.__slots__}
-
-    def __setstate__(self, state):
-        for k, v in state.items():
-            setattr(self, k, v)
-
-
-def _fresh_report(template: StaleReport) -> StaleReport:
-    """An empty report configured like ``template`` (which is left untouched)."""
-    rep = copy.copy(template)
-    rep.rows = 0
-    rep._stale_by_input = {}
-    rep.examples = {}
-    rep._pairs = None
-    rep._roles = None
-    return rep
-
-
-def _sweep_chunk(chunk: np.ndarray, job: _SweepJob) -> SweepPartial:
-    """The body of kvmmu.sweep's chunk loop for one chunk, into a fresh partial."""
-    version, flavor, spec = job.version, job.flavor, job.spec
-    vs = [resolve_variant(v) for v in job.vs]
-    n = chunk.shape[0]
-    base = resolve_variant("v517")
-    ept_list = list(spec.epts)
-    ept_for_cmp = ept_list[0]
-    th = spec.threads
-    inits = 0
-    cells = {name: _CellPart() for name in spec.hosts}
-    if spec.compare_variants:
-        for name, h in spec.hosts.items():
-            cell = cells[name]
-            cb = _np_init_mmu(chunk, flavor, h, ept_for_cmp, version=version, variant=base, threads=th)
-            inits += n
-            cell.states += n
-            k1, k2 = guard_key(cb, flavor, version)
-            cell.roles = np.unique(np.stack([k1, k2.astype(np.uint64)], axis=1), axis=0)
-            for v in vs:
-                if v.name == "v517":
-                    continue
-                cv = _np_init_mmu(chunk, flavor, h, ept_for_cmp, version=version, variant=v, threads=th)
-                inits += n
-                per = cell.variant_fields.setdefault(v.name, {})
-                anyd = np.zeros(n, bool)
-                for f in CONTEXT_FIELDS:
-                    m = field_mismatch(cb, cv, f)
-                    if m.any():
-                        per[f] = per.get(f, 0) + int(np.count_nonzero(m))
-                    anyd |= m
-                cell.variant_mismatch[v.name] = cell.variant_mismatch.get(v.name, 0) + \
-                    int(np.count_nonzero(anyd))
-    reports = {}
-    if spec.check_guard:
-        es = ept_list if flavor == "shadow_ept" else [ept_list[0]]
-        for v in vs:
-            rep = _fresh_report(job.templates[v.name])
-            ctxs, hidx, eidx = [], [], []
-            for (i, h), (j, e) in itertools.product(enumerate(spec.guard_hosts), enumerate(es)):
-                ctxs.append(_np_init_mmu(chunk, flavor, h, e, version=version, variant=v, threads=th))
-                hidx.append(i)
-                eidx.append(j)
-                inits += n
-            rep.add(chunk, ctxs, hidx, eidx, cached_fields(v))
-            reports[v.name] = rep
-    return SweepPartial(version, flavor, cells, reports, inits, 1)
-
-
-def _sweep_plan(flavors, versions, variants, hosts, maxphyaddrs, reachable_only, epts,
-                compare_variants, check_guard, threads):
-    """kvmmu.sweep's argument checks and plan, verbatim."""
-    for f in flavors:
-        _check_choice("flavor", f, FLAVORS)
-    for v in versions:
-        _check_choice("version", v, VERSIONS)
-    hosts = dict(DEFAULT_HOSTS if hosts is None else hosts)
-    for k, h in hosts.items():
-        hosts[k] = _as_host(h)
-    ept_list = [_as_ept(e) for e in (epts if epts is not None else
-                                     [EptConfig(), EptConfig(huge_page_level=2)])]
-    guard_hosts: List[HostConfig] = []
-    for h in hosts.values():
-        for hh in (h, h.replace(tdp_enabled=not h.tdp_enabled)):
-            if hh not in guard_hosts:
-                guard_hosts.append(hh)
-    plan = []
-    for version in versions:
-        vs = [resolve_variant(v) for v in (variants if variants is not None else
-                                           (VARIANTS if version == "v5.17" else ("v517",)))]
-        if version != "v5.17":
-            vs = [v for v in vs if v.name == "v517"] or [resolve_variant("v517")]
-        for flavor in flavors:
-            plan.append((version, flavor, vs))
-    spec = _SweepSpec(hosts, tuple(guard_hosts), tuple(ept_list), bool(compare_variants),
-                      bool(check_guard), threads)
-    return plan, spec
-
-
 def sweep_partials(flavors: Sequence[str] = FLAVORS, versions: Sequence[str] = ("v5.17",),
                    variants: Optional[Sequence[Union[str, Variant]]] = None,
                    hosts: Optional[Dict[str, HostConfig]] = None,
@@ -597,30 +350,9 @@ def sweep(flavors: Sequence[str] = FLAVORS, versions: Sequence[str] = ("v5.17",)
     plan, spec, parts = sweep_partials(flavors, versions, variants, hosts, maxphyaddrs,
                                        reachable_only, epts, compare_variants, check_guard,
                                        chunk_size, threads, split_every)
-    n_states = state_space_size(reachable_only, maxphyaddrs)
     t0 = time.perf_counter()
     results = _compute(parts, scheduler, progress)
-    seconds = time.perf_counter() - t0
-    cells: List[SweepCell] = []
-    reports: List[StaleReport] = []
-    inits = 0
-    for (version, flavor, vs), part in zip(plan, results):
-        inits += part.inits
-        for name, h in spec.hosts.items():
-            cp = part.cells[name]
-            cell = SweepCell(version, flavor, name, KERNEL_BUILDS[flavor](h))
-            cell.states = cp.states
-            cell.distinct_roles = 0 if cp.roles is None else int(cp.roles.shape[0])
-            cell.variant_mismatch = dict(cp.variant_mismatch)
-            cell.variant_fields = {v: dict(d) for v, d in cp.variant_fields.items()}
-            if version == "v5.17" and len(vs) > 1:
-                for v in vs:
-                    if v.name != "v517":
-                        cell.variant_mismatch.setdefault(v.name, 0)
-            cells.append(cell)
-        reports.extend(part.reports[v.name] for v in vs if v.name in part.reports)
-    return SweepResult(cells, reports, n_states, inits, seconds, reachable_only, maxphyaddrs,
-                       spec.hosts)
+    return finish_sweep(plan, spec, results, time.perf_counter() - t0, reachable_only, maxphyaddrs)
 
 
 # ---------------------------------------------------------------------------

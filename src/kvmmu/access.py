@@ -156,17 +156,8 @@ _CR4_PAE = 1 << 5
 _EFER_LMA = 1 << 10
 
 
-def _check_layout() -> None:
-    lay = _core.access_layout()
-    for dt, key in ((ACCESS_DTYPE, "access"), (ACCESS_RESULT_DTYPE, "result")):
-        size, offs = lay[key]
-        got = {n: dt.fields[n][1] for n in dt.names}
-        if dt.itemsize != size or got != offs:
-            raise ImportError(f"kvmmu._core {key} record layout {size} {offs} does not match "
-                              f"the dtype {dt.itemsize} {got}: rebuild the extension")
-
-
-_check_layout()
+engine.check_record_layout(_core.access_layout(),
+                           {"access": ACCESS_DTYPE, "result": ACCESS_RESULT_DTYPE})
 
 
 def decode_error_code(code: int) -> str:

@@ -25,18 +25,18 @@ _BOOL_FIELDS = ("guest_amd", "guest_gbpages", "smm", "guest_mode")
 PARALLEL_MIN = 1 << 17
 
 
-def _check_layout() -> None:
-    # The C records and the numpy dtypes must agree byte for byte.
-    lay = _core.layout()
-    for dt, key in ((GUEST_DTYPE, "guest"), (CONTEXT_DTYPE, "context")):
-        size, offs = lay[key]
+def check_record_layout(layout: Dict[str, Tuple[int, Dict[str, int]]],
+                        dtypes: Dict[str, np.dtype]) -> None:
+    """The C records and the numpy dtypes must agree byte for byte (checked at import)."""
+    for key, dt in dtypes.items():
+        size, offs = layout[key]
         got = {n: dt.fields[n][1] for n in dt.names}
         if dt.itemsize != size or got != offs:
-            raise ImportError(f"kvmmu._core {key} layout {size} {offs} does not match "
+            raise ImportError(f"kvmmu._core {key} record layout {size} {offs} does not match "
                               f"the dtype {dt.itemsize} {got}: rebuild the extension")
 
 
-_check_layout()
+check_record_layout(_core.layout(), {"guest": GUEST_DTYPE, "context": CONTEXT_DTYPE})
 
 
 def openmp_enabled() -> bool:

@@ -182,30 +182,8 @@ def as_access_records(acc: Any, name: str = "acc") -> np.ndarray:
     Field order and padding may differ (it is repacked); names, types and
     shapes must match, in native byte order. The input is never modified.
     """
-    if not isinstance(acc, np.ndarray):
-        raise TypeError(f"{name} must be a numpy array of kvmmu.access.ACCESS_DTYPE "
-                        f"(build one with kvmmu.access.accesses()), got {type(acc).__name__}")
-    dt = acc.dtype
-    if dt.names is None:
-        raise TypeError(f"{name} must have the structured dtype ACCESS_DTYPE, got dtype {dt}")
-    missing = [n for n in ACCESS_DTYPE.names if n not in dt.names]
-    extra = [n for n in dt.names if n not in ACCESS_DTYPE.names]
-    if missing:
-        raise TypeError(f"{name} dtype is missing field(s) {missing}; expected ACCESS_DTYPE")
-    if extra:
-        raise TypeError(f"{name} dtype has unexpected field(s) {extra}; expected ACCESS_DTYPE")
-    for n in ACCESS_DTYPE.names:
-        want = ACCESS_DTYPE.fields[n][0]
-        got = dt.fields[n][0]
-        if got != want or not (got.base.isnative):
-            raise TypeError(f"{name} field '{n}' must be {want} in native byte order, "
-                            f"got {got}")
-    if dt == ACCESS_DTYPE and acc.flags.c_contiguous:
-        return acc
-    out = np.empty(acc.shape, dtype=ACCESS_DTYPE)
-    for n in ACCESS_DTYPE.names:
-        out[n] = acc[n]
-    return out
+    return engine.as_records(acc, ACCESS_DTYPE, name, "kvmmu.access.ACCESS_DTYPE",
+                             "kvmmu.access.accesses()")
 
 
 def check_access_values(recs: np.ndarray, name: str = "acc") -> None:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -53,38 +53,45 @@ def _check_choice(name: str, value: Any, choices: Tuple[str, ...]) -> str:
     return value
 
 
-def as_guest_records(guests: Any, name: str = "guests") -> np.ndarray:
-    """Validate a GUEST_DTYPE array and return it C-contiguous with the exact dtype.
+def as_records(arr: Any, dtype: np.dtype, name: str, label: str, builder: str) -> np.ndarray:
+    """Validate a structured array against ``dtype`` (TypeError naming the field) and
+    return it C-contiguous with exactly that dtype.
 
-    Field order or padding may differ (it is repacked); names and field types
-    must match exactly, in native byte order. The input is never modified.
+    Field order or padding may differ (it is repacked); names, field types and
+    shapes must match, in native byte order. The input is never modified.
     """
+    if not isinstance(arr, np.ndarray):
+        raise TypeError(f"{name} must be a numpy array of {label} "
+                        f"(build one with {builder}), got {type(arr).__name__}")
+    dt = arr.dtype
+    if dt.names is None:
+        raise TypeError(f"{name} must have the structured dtype {label} "
+                        f"(build one with {builder}), got dtype {dt}")
+    missing = [n for n in dtype.names if n not in dt.names]
+    extra = [n for n in dt.names if n not in dtype.names]
+    if missing:
+        raise TypeError(f"{name} dtype is missing field(s) {missing}; expected {label}")
+    if extra:
+        raise TypeError(f"{name} dtype has unexpected field(s) {extra}; expected {label}")
+    for n in dtype.names:
+        want = dtype.fields[n][0]
+        got = dt.fields[n][0]
+        if got != want or not got.base.isnative:
+            shown = got.str if got.shape == () else str(got)
+            raise TypeError(f"{name} field '{n}' must be {want} in native byte order, got {shown}")
+    if dt == dtype and arr.flags.c_contiguous:
+        return arr
+    out = np.empty(arr.shape, dtype=dtype)
+    for n in dtype.names:
+        out[n] = arr[n]
+    return out
+
+
+def as_guest_records(guests: Any, name: str = "guests") -> np.ndarray:
+    """Validate a GUEST_DTYPE array and return it C-contiguous with the exact dtype."""
     if type(guests) is np.ndarray and guests.dtype == GUEST_DTYPE and guests.flags.c_contiguous:
         return guests
-    if not isinstance(guests, np.ndarray):
-        raise TypeError(f"{name} must be a numpy array of kvmmu.GUEST_DTYPE "
-                        f"(build one with kvmmu.guests()), got {type(guests).__name__}")
-    dt = guests.dtype
-    if dt.names is None:
-        raise TypeError(f"{name} must have the structured dtype kvmmu.GUEST_DTYPE "
-                        f"(build one with kvmmu.guests()), got dtype {dt}")
-    missing = [n for n in GUEST_DTYPE.names if n not in dt.names]
-    extra = [n for n in dt.names if n not in GUEST_DTYPE.names]
-    if missing:
-        raise TypeError(f"{name} dtype is missing field(s) {missing}; expected kvmmu.GUEST_DTYPE")
-    if extra:
-        raise TypeError(f"{name} dtype has unexpected field(s) {extra}; expected kvmmu.GUEST_DTYPE")
-    for n in GUEST_DTYPE.names:
-        want = GUEST_DTYPE.fields[n][0]
-        got = dt.fields[n][0]
-        if got != want or not got.isnative:
-            raise TypeError(f"{name} field '{n}' must be {want} in native byte order, got {got.str}")
-    if dt == GUEST_DTYPE and guests.flags.c_contiguous:
-        return guests
-    out = np.empty(guests.shape, dtype=GUEST_DTYPE)
-    for n in GUEST_DTYPE.names:
-        out[n] = guests[n]
-    return out
+    return as_records(guests, GUEST_DTYPE, name, "kvmmu.GUEST_DTYPE", "kvmmu.guests()")
 
 
 def _guest_bytes(recs: np.ndarray) -> np.ndarray:

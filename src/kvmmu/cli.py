@@ -941,9 +941,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             from . import dask as kdask
         except ImportError as exc:
             raise UsageError(f"--scheduler needs the dask extra (pip install 'kvmmu[dask]'): {exc}")
-        sweep = functools.partial(kdask.sweep, scheduler=args.scheduler)
+        run_sweep = functools.partial(kdask.sweep, scheduler=args.scheduler)
+    else:
+        run_sweep = sweep
     with Progress("sweep", len(flavors) * len(versions)) as prog:
-        res = sweep(flavors=flavors, versions=versions, variants=variants, hosts=hosts,
+        res = run_sweep(flavors=flavors, versions=versions, variants=variants, hosts=hosts,
                     maxphyaddrs=mpa, reachable_only=not args.raw, compare_variants=not args.no_compare,
                     check_guard=not args.no_guard, progress=prog, chunk_size=args.chunk_size)
     verdict = sweep_verdict(res)

@@ -5,11 +5,11 @@ Each generator returns a :class:`Workload`: GUEST_DTYPE states in order, plus
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, NamedTuple, Optional
+from typing import Any, List, NamedTuple, Optional
 
 import numpy as np
 
-from ._types import GUEST_DTYPE, guests
+from ._types import guests
 
 # Architectural values (Intel SDM vol. 3, 9.1.1 and 2.5).
 CR0_RESET = 0x60000010          # CD | NW | ET after RESET/INIT

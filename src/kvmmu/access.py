@@ -210,20 +210,8 @@ def check_access_values(recs: np.ndarray, name: str = "acc") -> None:
 
 
 def _prepare_out(out: Optional[np.ndarray], shape) -> np.ndarray:
-    if out is None:
-        return np.empty(shape, dtype=ACCESS_RESULT_DTYPE)
-    if not isinstance(out, np.ndarray):
-        raise TypeError(f"out must be a numpy array of ACCESS_RESULT_DTYPE, got {type(out).__name__}")
-    if out.dtype != ACCESS_RESULT_DTYPE:
-        raise TypeError(f"out must have dtype ACCESS_RESULT_DTYPE, got {out.dtype}")
-    if out.shape != tuple(shape):
-        raise ValueError(f"out must have shape {tuple(shape)} (one record per access), "
-                         f"got {out.shape}")
-    if not out.flags.c_contiguous:
-        raise ValueError("out must be C-contiguous")
-    if not out.flags.writeable:
-        raise ValueError("out must be writeable")
-    return out
+    return engine._prepare_out(out, shape, ACCESS_RESULT_DTYPE, "ACCESS_RESULT_DTYPE", "access",
+                               dtype_error=TypeError)
 
 
 def access_params(version: str, flavor: str, host: Any) -> dict:

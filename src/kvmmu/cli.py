@@ -214,24 +214,18 @@ def _int_list(lo: int, hi: int) -> Callable[[str], List[int]]:
     return conv
 
 
-def _nonneg(text: str) -> int:
-    try:
-        return kio.parse_int(text, 0, 1 << 40, "a non-negative integer")
-    except kio.FieldError as exc:
-        raise argparse.ArgumentTypeError(f"expected {exc}") from None
+def _count(low: int, what: str):
+    def conv(text: str) -> int:
+        try:
+            return kio.parse_int(text, low, 1 << 40, what)
+        except kio.FieldError as exc:
+            raise argparse.ArgumentTypeError(f"expected {exc}") from None
+    conv.__name__ = "count"
+    return conv
 
 
-_nonneg.__name__ = "count"
-
-
-def _positive(text: str) -> int:
-    try:
-        return kio.parse_int(text, 1, 1 << 40, "a positive integer")
-    except kio.FieldError as exc:
-        raise argparse.ArgumentTypeError(f"expected {exc}") from None
-
-
-_positive.__name__ = "count"
+_nonneg = _count(0, "a non-negative integer")
+_positive = _count(1, "a positive integer")
 
 
 # ---------------------------------------------------------------------------

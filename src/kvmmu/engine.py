@@ -98,15 +98,19 @@ def _guest_bytes(recs: np.ndarray) -> np.ndarray:
     return recs.reshape(-1).view(np.uint8)
 
 
-def _prepare_out(out: Optional[np.ndarray], shape: Tuple[int, ...]) -> np.ndarray:
+def _prepare_out(out: Optional[np.ndarray], shape: Tuple[int, ...], dtype: np.dtype = CONTEXT_DTYPE,
+                 label: str = "kvmmu.CONTEXT_DTYPE", unit: str = "state",
+                 dtype_error: type = ValueError) -> np.ndarray:
+    """A fresh result array, or ``out`` checked: right dtype, shape, C order, writeable."""
+    shape = tuple(shape)
     if out is None:
-        return np.empty(shape, dtype=CONTEXT_DTYPE)
+        return np.empty(shape, dtype=dtype)
     if not isinstance(out, np.ndarray):
-        raise TypeError(f"out must be a numpy array of kvmmu.CONTEXT_DTYPE, got {type(out).__name__}")
-    if out.dtype != CONTEXT_DTYPE:
-        raise ValueError(f"out must have dtype kvmmu.CONTEXT_DTYPE, got {out.dtype}")
+        raise TypeError(f"out must be a numpy array of {label}, got {type(out).__name__}")
+    if out.dtype != dtype:
+        raise dtype_error(f"out must have dtype {label}, got {out.dtype}")
     if out.shape != shape:
-        raise ValueError(f"out must have shape {shape} (one record per state), got {out.shape}")
+        raise ValueError(f"out must have shape {shape} (one record per {unit}), got {out.shape}")
     if not out.flags.c_contiguous:
         raise ValueError("out must be C-contiguous")
     if not out.flags.writeable:
